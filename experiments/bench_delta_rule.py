@@ -1,0 +1,157 @@
+"""Chunked vs per-token gated delta rule, forward and forward+backward, measured side by side.
+
+    python experiments/bench_delta_rule.py            # T in {512, 2048, 8192}, B=1, H=4, K=V=64
+    python experiments/bench_delta_rule.py --quick    # a few seconds, for the tests
+
+When the `ref` extra is installed (pip install -e .[ref]), fla's naive chunked PyTorch reference runs
+at the same sizes. Timings are medians over interleaved repeats; compare ratios, not absolute times,
+on a shared CPU. Writes a JSON results file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hamjax.ops import gated_delta_rule
+
+DEFAULT_OUTPUT = "experiments/results/delta_rule_cpu.json"
+
+
+def make_inputs(t: int, batch: int, heads: int, dk: int, dv: int, seed: int = 0):
+    """Realistic inputs as float32 NumPy arrays: unit keys, g <= 0, beta in (0, 1)."""
+    rng = np.random.default_rng(seed)
+    k = rng.normal(size=(batch, t, heads, dk))
+    k /= np.linalg.norm(k, axis=-1, keepdims=True)
+    arrays = dict(
+        q=rng.normal(size=(batch, t, heads, dk)),
+        k=k,
+        v=rng.normal(size=(batch, t, heads, dv)),
+        g=-np.logaddexp(0.0, rng.normal(-2.0, 1.0, size=(batch, t, heads))),
+        beta=1.0 / (1.0 + np.exp(-rng.normal(size=(batch, t, heads)))),
+        cotangent=rng.normal(size=(batch, t, heads, dv)),
+    )
+    return {name: x.astype(np.float32) for name, x in arrays.items()}
+
+
+def jax_runners(inputs, method: str):
+    """(forward, forward+backward) zero-argument callables that block until done."""
+    args = [jnp.asarray(inputs[n]) for n in ("q", "k", "v", "g", "beta")]
+    cot = jnp.asarray(inputs["cotangent"])
+
+    def loss(*a):
+        return jnp.sum(gated_delta_rule(*a, method=method)[0] * cot)
+
+    fwd = jax.jit(loss)
+    fwd_bwd = jax.jit(jax.grad(loss, argnums=tuple(range(5))))
+    return (lambda: jax.block_until_ready(fwd(*args)), lambda: jax.block_until_ready(fwd_bwd(*args)))
+
+
+def load_fla_naive():
+    """fla's naive.py loaded by file path (importing `fla.ops` would pull in triton); None if absent."""
+    if importlib.util.find_spec("torch") is None or importlib.util.find_spec("fla") is None:
+        return None
+    (fla_dir,) = importlib.util.find_spec("fla").submodule_search_locations
+    path = os.path.join(fla_dir, "ops", "gated_delta_rule", "naive.py")
+    spec = importlib.util.spec_from_file_location("fla_gdn_naive", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def fla_runners(inputs, naive):
+    """(forward, forward+backward) callables for fla's naive chunked PyTorch reference."""
+    import torch
+
+    tensors = {n: torch.from_numpy(inputs[n]) for n in ("q", "k", "v", "g", "beta")}
+    cot = torch.from_numpy(inputs["cotangent"])
+
+    def loss(ts):
+        o, _ = naive.naive_chunk_gated_delta_rule(ts["q"], ts["k"], ts["v"], ts["g"], ts["beta"], chunk_size=64)
+        return (o * cot).sum()
+
+    def fwd():
+        with torch.no_grad():
+            loss(tensors)
+
+    def fwd_bwd():
+        leaves = {n: x.clone().requires_grad_(True) for n, x in tensors.items()}
+        loss(leaves).backward()
+
+    return fwd, fwd_bwd
+
+
+def median_times(runners: dict, repeats: int) -> dict:
+    """Warm each runner once, then time them interleaved; median seconds per runner."""
+    for run in runners.values():
+        run()
+    samples = {name: [] for name in runners}
+    for _ in range(repeats):
+        for name, run in runners.items():
+            start = time.perf_counter()
+            run()
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--output", help=f"results JSON (default {DEFAULT_OUTPUT}; none with --quick)")
+    args = parser.parse_args(argv)
+    lengths, repeats = ([128], 2) if args.quick else (args.lengths, args.repeats)
+    batch, heads, dk, dv = 1, 4, 64, 64
+    naive = load_fla_naive()
+    if naive is None:
+        print("fla reference skipped: needs the `ref` extra (pip install -e .[ref])")
+    rows = []
+    for t in lengths:
+        inputs = make_inputs(t, batch, heads, dk, dv)
+        runners = {}
+        for label, (fwd, fwd_bwd) in [
+            ("chunk", jax_runners(inputs, "chunk")),
+            ("recurrent", jax_runners(inputs, "recurrent")),
+            *([("fla_naive_chunk", fla_runners(inputs, naive))] if naive else []),
+        ]:
+            runners[f"{label}/fwd"], runners[f"{label}/fwd_bwd"] = fwd, fwd_bwd
+        times = median_times(runners, repeats)
+        row = {"T": t, "seconds": times}
+        for pass_ in ("fwd", "fwd_bwd"):
+            chunk = times[f"chunk/{pass_}"]
+            row[f"recurrent_over_chunk/{pass_}"] = times[f"recurrent/{pass_}"] / chunk
+            if naive:
+                row[f"fla_naive_over_chunk/{pass_}"] = times[f"fla_naive_chunk/{pass_}"] / chunk
+        rows.append(row)
+        cells = "  ".join(f"{name} {1e3 * s:8.1f} ms" for name, s in times.items())
+        ratios = "  ".join(f"{k} {v:5.2f}x" for k, v in row.items() if "_over_" in k)
+        print(f"T={t:5d}  {cells}\n         {ratios}", flush=True)
+    result = {
+        "benchmark": "gated delta rule: chunk vs recurrent (vs fla naive chunk), B=1 H=4 K=V=64",
+        "device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores)",
+        "jax": jax.__version__,
+        "repeats": repeats,
+        "rows": rows,
+    }
+    output = args.output or (None if args.quick else DEFAULT_OUTPUT)
+    if output:
+        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
+        with open(output, "w") as f:
+            json.dump(result, f, indent=2)
+        print(f"wrote {output}")
+    return result
+
+
+if __name__ == "__main__":
+    main()
