@@ -68,32 +68,56 @@ def load_fla_naive():
     return module
 
 
-def fla_runners(inputs, naive):
-    """(forward, forward+backward) callables for fla's naive chunked PyTorch reference."""
+def torch_runners(inputs, chunk_fn):
+    """(forward, forward+backward) callables for a PyTorch chunked gated delta rule
+    chunk_fn(q, k, v, g, beta) -> (o, state), on the GPU when torch sees one."""
     import torch
 
-    tensors = {n: torch.from_numpy(inputs[n]) for n in ("q", "k", "v", "g", "beta")}
-    cot = torch.from_numpy(inputs["cotangent"])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    tensors = {n: torch.from_numpy(inputs[n]).to(device) for n in ("q", "k", "v", "g", "beta")}
+    cot = torch.from_numpy(inputs["cotangent"]).to(device)
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
     def loss(ts):
-        o, _ = naive.naive_chunk_gated_delta_rule(ts["q"], ts["k"], ts["v"], ts["g"], ts["beta"], chunk_size=64)
+        o, _ = chunk_fn(ts["q"], ts["k"], ts["v"], ts["g"], ts["beta"])
         return (o * cot).sum()
 
     def fwd():
         with torch.no_grad():
             loss(tensors)
+        sync()
 
     def fwd_bwd():
         leaves = {n: x.clone().requires_grad_(True) for n, x in tensors.items()}
         loss(leaves).backward()
+        sync()
 
     return fwd, fwd_bwd
 
 
+def fla_kernel():
+    """fla's Triton chunk kernel (fp32 in and out) when a CUDA GPU and triton are there; else None."""
+    if importlib.util.find_spec("triton") is None or importlib.util.find_spec("fla") is None:
+        return None
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    from fla.ops.gated_delta_rule import chunk_gated_delta_rule
+
+    return chunk_gated_delta_rule
+
+
 def median_times(runners: dict, repeats: int) -> dict:
-    """Warm each runner once, then time them interleaved; median seconds per runner."""
-    for run in runners.values():
-        run()
+    """Warm each runner once, then time them interleaved; median seconds per runner.
+
+    A runner that refuses to run (e.g. fla's Triton backward on some Triton/GPU pairs) is dropped."""
+    for name, run in list(runners.items()):
+        try:
+            run()
+        except RuntimeError as refusal:
+            print(f"{name} skipped: {str(refusal).splitlines()[0]}")
+            del runners[name]
     samples = {name: [] for name in runners}
     for _ in range(repeats):
         for name, run in runners.items():
@@ -113,6 +137,7 @@ def main(argv=None):
     lengths, repeats = ([128], 2) if args.quick else (args.lengths, args.repeats)
     batch, heads, dk, dv = 1, 4, 64, 64
     naive = load_fla_naive()
+    kernel = fla_kernel()
     if naive is None:
         print("fla reference skipped: needs the `ref` extra (pip install -e .[ref])")
     rows = []
@@ -122,7 +147,8 @@ def main(argv=None):
         for label, (fwd, fwd_bwd) in [
             ("chunk", jax_runners(inputs, "chunk")),
             ("recurrent", jax_runners(inputs, "recurrent")),
-            *([("fla_naive_chunk", fla_runners(inputs, naive))] if naive else []),
+            *([("fla_naive_chunk", torch_runners(inputs, naive.naive_chunk_gated_delta_rule))] if naive else []),
+            *([("fla_triton_chunk", torch_runners(inputs, kernel))] if kernel else []),
         ]:
             runners[f"{label}/fwd"], runners[f"{label}/fwd_bwd"] = fwd, fwd_bwd
         times = median_times(runners, repeats)
@@ -130,8 +156,9 @@ def main(argv=None):
         for pass_ in ("fwd", "fwd_bwd"):
             chunk = times[f"chunk/{pass_}"]
             row[f"recurrent_over_chunk/{pass_}"] = times[f"recurrent/{pass_}"] / chunk
-            if naive:
-                row[f"fla_naive_over_chunk/{pass_}"] = times[f"fla_naive_chunk/{pass_}"] / chunk
+            for ref in ("fla_naive_chunk", "fla_triton_chunk"):
+                if f"{ref}/{pass_}" in times:
+                    row[f"{ref}_over_chunk/{pass_}"] = times[f"{ref}/{pass_}"] / chunk
         rows.append(row)
         cells = "  ".join(f"{name} {1e3 * s:8.1f} ms" for name, s in times.items())
         ratios = "  ".join(f"{k} {v:5.2f}x" for k, v in row.items() if "_over_" in k)
