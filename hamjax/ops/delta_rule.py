@@ -9,7 +9,7 @@ g (log decay, <= 0) and beta [B, T, H]; state [B, H, K, V]. Per head and token:
     o_t = S_t^T (scale * q_t)
 
 All state and gate math runs in float32; outputs come back in the inputs' dtype, errors and states in
-float32. The chunked form is the WY/UT algorithm of DESIGN.md §1.3 and equals the recurrent form to
+float32. The chunked form is the WY/UT algorithm (fla's naive chunk) and equals the recurrent form to
 float32 rounding.
 """
 

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 def _shape(x) -> tuple[int, ...]:
@@ -74,7 +75,7 @@ def check_not_nan(name: str, x) -> None:
     """Raise if a concrete `x` holds a NaN (traced values cannot be inspected and pass)."""
     if isinstance(x, jax.core.Tracer):
         return
-    if bool(jnp.any(jnp.isnan(jnp.asarray(x, jnp.float32)))):
+    if np.isnan(np.asarray(x, np.float32)).any():
         raise ValueError(f"{name} must not be NaN, got {x!r}")
 
 

@@ -1,0 +1,75 @@
+"""Routed causal attention: queries attend to the admitted tokens only, by their original positions.
+
+One masked softmax (`attend`) serves all three uses: the dense T x T reference (keys = every token,
+valid = admitted), the compacted path (keys = a buffer holding only the admitted tokens) and the
+decode step (keys = the KV cache).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+
+def attend(
+    q,
+    q_positions,
+    keys,
+    values,
+    key_positions,
+    key_valid,
+    *,
+    logit_scale,
+    q_segments=None,
+    key_segments=None,
+    key_log_weights=None,
+):
+    """softmax_j(logit_scale_h * q_t . k_j + log w_j) v_j over keys j with valid_j, pos_j <= pos_t and
+    (when segments are given) the same segment as t. Queries that see no key get 0.
+
+    q [B, T, H, K]; q_positions [B, T]; keys [B, H, S, K]; values [B, H, S, V]; key_positions,
+    key_valid [B, H, S]; logit_scale [H]; q_segments [B, T]; key_segments [B, H, S];
+    key_log_weights [B, H, S] (learned router: log s_j). Returns [B, T, H, V] float32.
+    """
+    q = jnp.asarray(q, jnp.float32)
+    logits = jnp.einsum("bthk,bhsk->bhts", q, jnp.asarray(keys, jnp.float32))
+    logits = logits * jnp.asarray(logit_scale, jnp.float32)[:, None, None]
+    if key_log_weights is not None:
+        logits = logits + jnp.asarray(key_log_weights, jnp.float32)[:, :, None, :]
+    mask = jnp.asarray(key_valid, bool)[:, :, None, :] & (
+        jnp.asarray(key_positions)[:, :, None, :] <= jnp.asarray(q_positions)[:, None, :, None]
+    )
+    if q_segments is not None:
+        mask &= jnp.asarray(key_segments)[:, :, None, :] == jnp.asarray(q_segments)[:, None, :, None]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    peak = jnp.max(logits, axis=-1, keepdims=True)
+    peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
+    weights = jnp.where(mask, jnp.exp(logits - peak), 0.0)
+    total = jnp.sum(weights, axis=-1)
+    out = jnp.einsum("bhts,bhsv->bhtv", weights, jnp.asarray(values, jnp.float32))
+    out = jnp.where(total[..., None] > 0, out / jnp.where(total > 0, total, 1.0)[..., None], 0.0)
+    return jnp.transpose(out, (0, 2, 1, 3))
+
+
+def dense_routed_attention(
+    q, k, v, admitted, positions, *, logit_scale, segment_ids=None, log_weights=None
+):
+    """The T x T reference: every token is a key, masked to the admitted ones.
+
+    q, k [B, T, H, K]; v [B, T, H, V]; admitted [B, T, H]; positions [B, T]; log_weights [B, T, H].
+    """
+    to_heads = lambda x: jnp.moveaxis(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
+    heads = q.shape[2]
+    key_positions = jnp.broadcast_to(jnp.asarray(positions)[:, None, :], admitted.shape[:1] + (heads,) + admitted.shape[1:2])
+    key_segments = None if segment_ids is None else jnp.broadcast_to(jnp.asarray(segment_ids)[:, None, :], key_positions.shape)
+    return attend(
+        q,
+        positions,
+        to_heads(k),
+        to_heads(v),
+        key_positions,
+        to_heads(admitted),
+        logit_scale=logit_scale,
+        q_segments=segment_ids,
+        key_segments=key_segments,
+        key_log_weights=None if log_weights is None else to_heads(log_weights),
+    )

@@ -1,0 +1,269 @@
+"""The HAM sequence function (parallel form) and the HAM step (recurrent form).
+
+Both compute, per head: the gated delta rule over every token; a routing score (the RNN's
+prediction error, or a learned router's score passed in); admission of tokens with score > tau to a
+fixed-capacity KV cache; and causal attention over the cache with RoPE at the entries' original
+positions. They return the two branch outputs separately: combining them (norms, gates, output
+projection) is the layer's job.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from hamjax.ops import kv_cache as kv
+from hamjax.ops import validation
+from hamjax.ops.attention import attend
+from hamjax.ops.delta_rule import gated_delta_rule_step, gated_delta_rule_with_errors
+from hamjax.ops.rope import apply_rope
+from hamjax.ops.routing import admit, kv_fraction, surprise_scores
+from hamjax.ops.segments import segment_starts
+
+ATTENTION_PATHS = ("compacted", "dense")
+
+
+class HamState(NamedTuple):
+    """What carries from one call to the next: rnn [B, H, K, V] fp32; cache; position [B] int32
+    (the position of the next token)."""
+
+    rnn: jax.Array
+    cache: kv.KVCache
+    position: jax.Array
+
+
+class HamOutput(NamedTuple):
+    """o_rnn, o_attn [B, T, H, V] fp32 (no T axis from the step); the new state; admitted [B, T, H]
+    bool; scores [B, T, H]; kv_fraction (scalar) and kv_fraction_per_head [H] of the valid tokens."""
+
+    o_rnn: jax.Array
+    o_attn: jax.Array
+    state: HamState
+    admitted: jax.Array
+    scores: jax.Array
+    kv_fraction: jax.Array
+    kv_fraction_per_head: jax.Array
+
+
+def init_ham_state(batch: int, heads: int, key_dim: int, value_dim: int, capacity: int) -> HamState:
+    return HamState(
+        rnn=jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32),
+        cache=kv.init_kv_cache(batch, heads, capacity, key_dim, value_dim),
+        position=jnp.zeros((batch,), jnp.int32),
+    )
+
+
+def ham_sequence(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    state: HamState,
+    *,
+    tau,
+    logit_scale,
+    router_scores=None,
+    valid=None,
+    segment_ids=None,
+    rope_theta: float | None = 10000.0,
+    attention: str = "compacted",
+    buffer_size: int | None = None,
+    method: str = "chunk",
+    chunk_size: int = 64,
+) -> HamOutput:
+    """A HAM layer's core over a sequence, in parallel form.
+
+    q, k [B, T, H, K] (L2-normalised); v [B, T, H, V]; g, beta [B, T, H]; state from
+    `init_ham_state` or a previous call; tau a scalar or [H]; logit_scale [H]; router_scores
+    [B, T, H] in (0, 1] for the learned router (None: surprise router); valid [B, T] (False =
+    padding: no RNN update, never admitted); segment_ids [B, T] (packed sequences: a new segment
+    resets the RNN state and empties the cache).
+
+    attention="dense" is the T x T reference; "compacted" gathers the admitted tokens into a buffer
+    of `buffer_size` slots (default: the cache capacity, or capacity + T with segment_ids, since
+    every segment may fill its own cache) and attends T x buffer_size.
+    """
+    _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention, buffer_size)
+    batch, t = q.shape[:2]
+    capacity = state.cache.capacity
+    valid = jnp.ones((batch, t), bool) if valid is None else jnp.asarray(valid, bool)
+    positions = state.position[:, None] + jnp.arange(t, dtype=jnp.int32)
+    rnn = gated_delta_rule_with_errors(
+        q,
+        k,
+        v,
+        jnp.where(valid[..., None], g, 0.0),
+        jnp.where(valid[..., None], beta, 0.0),
+        initial_state=state.rnn,
+        method=method,
+        chunk_size=chunk_size,
+        segment_ids=segment_ids,
+    )
+    scores = surprise_scores(rnn.errors) if router_scores is None else jnp.asarray(router_scores, jnp.float32)
+    admitted = admit(
+        scores, tau, capacity, valid=valid, segment_ids=segment_ids, initial_count=state.cache.count
+    )
+    q_rot, k_rot = (x if rope_theta is None else apply_rope(x, positions, rope_theta) for x in (q, k))
+    segment_index = _segment_index(segment_ids, batch, t)
+    learned = router_scores is not None
+    if attention == "dense":
+        o_attn = _dense_with_cache(
+            q_rot, k_rot, v, scores, admitted, positions, segment_index, state.cache, logit_scale, learned
+        )
+    else:
+        if buffer_size is None:
+            buffer_size = capacity if segment_ids is None else capacity + t
+        buffer = kv.append_tokens(kv.resize(state.cache, buffer_size), k_rot, v, positions, scores, admitted)
+        o_attn = attend(
+            q_rot,
+            positions,
+            buffer.keys,
+            buffer.values,
+            buffer.positions,
+            buffer.occupied,
+            logit_scale=logit_scale,
+            q_segments=segment_index,
+            key_segments=_key_segments(buffer.positions, state.position, segment_index),
+            key_log_weights=_log_scores(buffer.scores, buffer.occupied) if learned else None,
+        )
+    # The cache handed on holds the last segment's entries: the incoming ones only if no segment
+    # started in this call.
+    last = segment_index[:, -1]
+    old_cache = kv.clear_rows(state.cache, last > 0)
+    in_last = (segment_index == last[:, None])[..., None]
+    new_cache = kv.append_tokens(old_cache, k_rot, v, positions, scores, admitted & in_last)
+    fraction, per_head = kv_fraction(admitted, valid)
+    new_state = HamState(rnn.state, new_cache, state.position + t)
+    return HamOutput(rnn.output.astype(jnp.float32), o_attn, new_state, admitted, scores, fraction, per_head)
+
+
+def ham_step(
+    q,
+    k,
+    v,
+    g,
+    beta,
+    state: HamState,
+    *,
+    tau,
+    logit_scale,
+    router_score=None,
+    valid=None,
+    rope_theta: float | None = 10000.0,
+) -> HamOutput:
+    """One token in recurrent form: q, k [B, H, K]; v [B, H, V]; g, beta [B, H]; router_score
+    [B, H] or None; valid [B]. Same meaning as `ham_sequence` (no segments: decoding is one
+    document per row). Outputs drop the T axis."""
+    _check_step_args(q, v, state, tau, logit_scale, router_score, valid)
+    batch = q.shape[0]
+    valid = jnp.ones((batch,), bool) if valid is None else jnp.asarray(valid, bool)
+    o_rnn, rnn, error = gated_delta_rule_step(
+        q, k, v, jnp.where(valid[:, None], g, 0.0), jnp.where(valid[:, None], beta, 0.0), state.rnn
+    )
+    score = surprise_scores(error) if router_score is None else jnp.asarray(router_score, jnp.float32)
+    cache = state.cache
+    admitted = (score > jnp.asarray(tau, jnp.float32)) & (cache.count < cache.capacity) & valid[:, None]
+    position = state.position[:, None]  # [B, 1]
+    q_rot, k_rot = (
+        x[:, None] if rope_theta is None else apply_rope(x[:, None], position, rope_theta) for x in (q, k)
+    )
+    cache = kv.append_tokens(cache, k_rot, v[:, None], position, score[:, None], admitted[:, None])
+    o_attn = attend(
+        q_rot,
+        position,
+        cache.keys,
+        cache.values,
+        cache.positions,
+        cache.occupied,
+        logit_scale=logit_scale,
+        key_log_weights=None if router_score is None else _log_scores(cache.scores, cache.occupied),
+    )[:, 0]
+    fraction, per_head = kv_fraction(admitted[:, None], valid[:, None])
+    return HamOutput(
+        o_rnn.astype(jnp.float32), o_attn, HamState(rnn, cache, state.position + 1), admitted, score, fraction, per_head
+    )
+
+
+def _log_scores(scores, valid):
+    """log s_j where valid (the learned router's attention bias), 0 elsewhere: no log(0) in the
+    forward pass or its gradient."""
+    return jnp.log(jnp.where(valid, scores, 1.0))
+
+
+def _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention, buffer_size):
+    validation.check_choice("attention", attention, ATTENTION_PATHS)
+    validation.check_rank("q", q, 4, "[B, T, H, K]")
+    batch, t, heads, dk = q.shape
+    _check_common(batch, heads, dk, v.shape[-1], state, tau, logit_scale)
+    if router_scores is not None:
+        validation.check_shape("router_scores", router_scores, (batch, t, heads), "[B, T, H]")
+    if valid is not None:
+        validation.check_shape("valid", valid, (batch, t), "[B, T]")
+    if buffer_size is not None:
+        validation.check_positive_int("buffer_size", buffer_size)
+        if buffer_size < state.cache.capacity:
+            raise ValueError(f"buffer_size must be at least the cache capacity {state.cache.capacity}, got {buffer_size}")
+
+
+def _check_step_args(q, v, state, tau, logit_scale, router_score, valid):
+    validation.check_rank("q", q, 3, "[B, H, K]")
+    batch, heads, dk = q.shape
+    _check_common(batch, heads, dk, v.shape[-1], state, tau, logit_scale)
+    if router_score is not None:
+        validation.check_shape("router_score", router_score, (batch, heads), "[B, H]")
+    if valid is not None:
+        validation.check_shape("valid", valid, (batch,), "[B]")
+
+
+def _check_common(batch, heads, dk, dv, state, tau, logit_scale):
+    validation.check_not_nan("tau", tau)
+    if jnp.ndim(tau) not in (0, 1) or jnp.size(tau) not in (1, heads):
+        raise ValueError(f"tau must be a scalar or have shape [H] = ({heads},), got shape {jnp.shape(tau)}")
+    validation.check_shape("logit_scale", logit_scale, (heads,), "[H]")
+    validation.check_shape("state.rnn", state.rnn, (batch, heads, dk, dv), "[B, H, K, V]")
+    validation.check_shape("state.position", state.position, (batch,), "[B]")
+    kv.check_cache(state.cache, batch, heads, dk, dv)
+
+
+def _segment_index(segment_ids, batch: int, t: int):
+    """[B, T] int32: 0 for tokens continuing the incoming state, +1 at each segment start."""
+    if segment_ids is None:
+        return jnp.zeros((batch, t), jnp.int32)
+    return jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+
+
+def _key_segments(key_positions, start, segment_index):
+    """Segment index of each buffered key [B, H, S], looked up by its position; entries from
+    before this call (position < start) continue segment 0."""
+    offset = jnp.clip(key_positions - start[:, None, None], 0, segment_index.shape[1] - 1)
+    batch = jnp.arange(segment_index.shape[0])[:, None, None]
+    return jnp.where(key_positions < start[:, None, None], 0, segment_index[batch, offset])
+
+
+def _dense_with_cache(q, k, v, scores, admitted, positions, segment_index, cache, logit_scale, learned):
+    """The reference path: every token of the call (masked to the admitted) plus the incoming cache
+    entries are keys; T x (C + T) scores."""
+    to_heads = lambda x: jnp.moveaxis(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
+    heads = q.shape[2]
+    per_head = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], heads, x.shape[1]))
+    keys = jnp.concatenate([cache.keys.astype(jnp.float32), to_heads(k).astype(jnp.float32)], axis=2)
+    values = jnp.concatenate([cache.values.astype(jnp.float32), to_heads(v).astype(jnp.float32)], axis=2)
+    key_positions = jnp.concatenate([cache.positions, per_head(positions)], axis=2)
+    key_valid = jnp.concatenate([cache.occupied, to_heads(admitted)], axis=2)
+    key_segments = jnp.concatenate([jnp.zeros_like(cache.positions), per_head(segment_index)], axis=2)
+    key_scores = jnp.concatenate([cache.scores, to_heads(scores)], axis=2)
+    return attend(
+        q,
+        positions,
+        keys,
+        values,
+        key_positions,
+        key_valid,
+        logit_scale=logit_scale,
+        q_segments=segment_index,
+        key_segments=key_segments,
+        key_log_weights=_log_scores(key_scores, key_valid) if learned else None,
+    )
