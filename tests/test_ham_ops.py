@@ -580,6 +580,13 @@ BAD_CALLS = {
     "sequence_rope_odd_head_dim": (lambda: sequence_call(dk=5, method="recurrent")(),
                                    r"even head dimension.*\(2, 9, 3, 5\)"),
     "step_rope_odd_head_dim": (lambda: step_call(dk=5)(), r"even head dimension.*5\)"),
+    "buffer_smaller_than_capacity": (lambda: sequence_call(buffer_size=3)(), r"^buffer_size\b.*capacity 4"),
+    "scalar_logit_scale": (lambda: sequence_call(logit_scale=np.float32(2.0))(), r"^logit_scale\b.*\(3,\)"),
+    "tau_wrong_heads": (lambda: sequence_call(tau=np.ones(4, np.float32))(), r"^tau\b.*\(4,\)"),
+    "valid_without_batch": (lambda: sequence_call(valid=np.ones(9, bool))(), r"^valid\b.*\(9,\)"),
+    "router_scores_wrong_T": (lambda: sequence_call(router_scores=np.ones((2, 8, 3), np.float32))(),
+                              r"^router_scores\b.*\(2, 8, 3\)"),
+    "step_valid_wrong_B": (lambda: step_call(valid=np.ones(3, bool))(), r"^valid\b.*\(3,\)"),
 }
 
 

@@ -149,3 +149,15 @@ def test_check_cache_names_the_bad_field(field, wrong, name):
     bad = cache._replace(**{field: jnp.zeros(wrong, getattr(cache, field).dtype)})
     with pytest.raises(ValueError, match=rf"^{name}\b.*{tuple(wrong)}".replace("(", r"\(").replace(")", r"\)")):
         kv.check_cache(bad, B, H, K, V)
+
+
+def test_clear_rows_empties_only_the_chosen_rows():
+    cache = ops.init_kv_cache(3, 2, 4, 5, 6)
+    ones = lambda *s: np.ones(s, np.float32)
+    cache = ops.append_tokens(cache, ones(3, 3, 2, 5), ones(3, 3, 2, 6), np.tile(np.arange(3), (3, 1)),
+                              ones(3, 3, 2), np.ones((3, 3, 2), bool))
+    cleared = kv.clear_rows(cache, jnp.array([False, True, False]))
+    empty = ops.init_kv_cache(1, 2, 4, 5, 6)
+    for got, full, fresh in zip(cleared, cache, empty):
+        np.testing.assert_array_equal(got[1], fresh[0])
+        np.testing.assert_array_equal(got[::2], full[::2])
