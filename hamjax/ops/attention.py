@@ -41,7 +41,7 @@ def attend(
     if q_segments is not None:
         mask &= jnp.asarray(key_segments)[:, :, None, :] == jnp.asarray(q_segments)[:, None, :, None]
     logits = jnp.where(mask, logits, -jnp.inf)
-    peak = jnp.max(logits, axis=-1, keepdims=True)
+    peak = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)  # no keys at all: -inf
     peak = jnp.where(jnp.isfinite(peak), peak, 0.0)
     weights = jnp.where(mask, jnp.exp(logits - peak), 0.0)
     total = jnp.sum(weights, axis=-1)

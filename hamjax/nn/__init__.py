@@ -1,0 +1,25 @@
+"""Flax NNX modules that own parameters and call hamjax.ops."""
+
+from hamjax.nn.conv import ShortConv, causal_conv, causal_conv_step
+from hamjax.nn.gdn import GatedDeltaNet, GDNCache
+from hamjax.nn.ham import HAM, HAMCache, HAMStats, LearnedRouter, Threshold
+from hamjax.nn.norm import RMSNorm
+from hamjax.nn.projections import DeltaInputs, DeltaProjections
+from hamjax.nn.variables import NoWeightDecay
+
+__all__ = [
+    "DeltaInputs",
+    "DeltaProjections",
+    "GDNCache",
+    "GatedDeltaNet",
+    "HAM",
+    "HAMCache",
+    "HAMStats",
+    "LearnedRouter",
+    "NoWeightDecay",
+    "RMSNorm",
+    "ShortConv",
+    "Threshold",
+    "causal_conv",
+    "causal_conv_step",
+]

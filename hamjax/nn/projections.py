@@ -1,0 +1,101 @@
+"""The projections shared by GatedDeltaNet and HAM: inputs of the delta rule, gates, output."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hamjax.nn.conv import ShortConv
+from hamjax.nn.variables import NoWeightDecay
+from hamjax.ops import validation
+
+A_MAX = 16.0  # A ~ U(0, 16], A_log = log A (fla's range; 0 excluded so that A_log is finite)
+DT_RANGE = (1e-3, 1e-1)  # dt ~ logU(1e-3, 1e-1), dt_bias = softplus^-1(dt) (fla's range)
+
+
+class DeltaInputs(NamedTuple):
+    """q, k [B, T, H, K] unit vectors; v [B, T, H, V]; g (log decay <= 0), beta [B, T, H] float32,
+    both 0 at padding so padding leaves the RNN state unchanged; z [B, T, H, V] output gate (pre-SiLU)."""
+
+    q: jax.Array
+    k: jax.Array
+    v: jax.Array
+    g: jax.Array
+    beta: jax.Array
+    z: jax.Array
+
+
+class DeltaProjections(nnx.Module):
+    """x [B, T, D] -> DeltaInputs (`__call__`), and the gated output projection (`output`). Per head:
+
+        q, k, v = SiLU(conv(W_qkv x)), q and k L2-normalised
+        z, b, a = W_gate x;  beta = sigmoid(b);  g = -exp(A_log) * softplus(a + dt_bias)
+        y = W_o[h * SiLU(z)]   (h: the layer's normalised read-out)
+
+    Parameters: qkv_proj [D, H(2K + V)] (columns q | k | v), conv (depthwise, width W, over those
+    columns), gate_proj [D, H(V + 2)] (columns z | b | a), A_log and dt_bias [H] (NoWeightDecay),
+    out_proj [HV, D]. No biases.
+    """
+
+    def __init__(
+        self, d_model: int, heads: int, key_dim: int, value_dim: int, *, conv_width: int = 4, rngs: nnx.Rngs
+    ):
+        for name, value in (("d_model", d_model), ("heads", heads), ("key_dim", key_dim), ("value_dim", value_dim)):
+            validation.check_positive_int(name, value)
+        self.d_model, self.heads, self.key_dim, self.value_dim = d_model, heads, key_dim, value_dim
+        qkv = heads * (2 * key_dim + value_dim)
+        self.qkv_proj = nnx.Linear(d_model, qkv, use_bias=False, rngs=rngs)
+        self.conv = ShortConv(qkv, conv_width, rngs=rngs)
+        self.gate_proj = nnx.Linear(d_model, heads * (value_dim + 2), use_bias=False, rngs=rngs)
+        a = A_MAX * (1.0 - jax.random.uniform(rngs.params(), (heads,), jnp.float32))
+        self.A_log = NoWeightDecay(jnp.log(a))
+        log_dt = jax.random.uniform(rngs.params(), (heads,), jnp.float32, *map(math.log, DT_RANGE))
+        dt = jnp.exp(log_dt)
+        self.dt_bias = NoWeightDecay(dt + jnp.log(-jnp.expm1(-dt)))
+        self.out_proj = nnx.Linear(heads * value_dim, d_model, use_bias=False, rngs=rngs)
+
+    def __call__(self, x, conv_state, *, segment_ids=None, valid=None):
+        """x [B, T, D]; conv_state [B, W-1, H(2K + V)]; segment_ids, valid [B, T].
+
+        Returns (DeltaInputs, new conv state). A length-1 input takes the conv's single-step path.
+        """
+        self._check_inputs(x, segment_ids, valid)
+        batch, t, _ = x.shape
+        heads, dk, dv = self.heads, self.key_dim, self.value_dim
+        qkv, conv_state = self.conv(self.qkv_proj(x), conv_state, segment_ids=segment_ids, valid=valid)
+        q, k, v = jnp.split(jax.nn.silu(qkv), [heads * dk, 2 * heads * dk], axis=-1)
+        q, k = (_l2_normalize(a.reshape(batch, t, heads, dk)) for a in (q, k))
+        z, b, a = jnp.split(self.gate_proj(x), [heads * dv, heads * (dv + 1)], axis=-1)
+        beta = jax.nn.sigmoid(b.astype(jnp.float32))
+        g = -jnp.exp(self.A_log[...]) * jax.nn.softplus(a.astype(jnp.float32) + self.dt_bias[...])
+        if valid is not None:
+            valid = jnp.asarray(valid, bool)[..., None]
+            g, beta = jnp.where(valid, g, 0.0), jnp.where(valid, beta, 0.0)
+        shape = (batch, t, heads, dv)
+        return DeltaInputs(q, k, v.reshape(shape), g, beta, z.reshape(shape)), conv_state
+
+    def output(self, h, z):
+        """h, z [B, T, H, V] -> y = W_o[h * SiLU(z)] [B, T, D]."""
+        batch, t = h.shape[:2]
+        return self.out_proj((h * jax.nn.silu(z.astype(jnp.float32))).reshape(batch, t, -1))
+
+    def _check_inputs(self, x, segment_ids, valid) -> None:
+        """Raise ValueError unless x is [B, T, D] and segment_ids, valid (when given) are [B, T]."""
+        validation.check_rank("x", x, 3, "[B, T, D]")
+        batch, t, _ = x.shape
+        validation.check_shape("x", x, (batch, t, self.d_model), "[B, T, D]")
+        if segment_ids is not None:
+            validation.check_integer("segment_ids", segment_ids)
+            validation.check_shape("segment_ids", segment_ids, (batch, t), "[B, T]")
+        if valid is not None:
+            validation.check_shape("valid", valid, (batch, t), "[B, T]")
+
+
+def _l2_normalize(x, eps: float = 1e-6):
+    """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (fla's l2norm)."""
+    x = jnp.asarray(x, jnp.float32)
+    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
