@@ -12,35 +12,15 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import os
-import platform
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
+from bench_common import make_inputs, median_times, save_results
 from hamjax.ops import gated_delta_rule
 
 DEFAULT_OUTPUT = "experiments/results/delta_rule_cpu.json"
-
-
-def make_inputs(t: int, batch: int, heads: int, dk: int, dv: int, seed: int = 0):
-    """Realistic inputs as float32 NumPy arrays: unit keys, g <= 0, beta in (0, 1)."""
-    rng = np.random.default_rng(seed)
-    k = rng.normal(size=(batch, t, heads, dk))
-    k /= np.linalg.norm(k, axis=-1, keepdims=True)
-    arrays = dict(
-        q=rng.normal(size=(batch, t, heads, dk)),
-        k=k,
-        v=rng.normal(size=(batch, t, heads, dv)),
-        g=-np.logaddexp(0.0, rng.normal(-2.0, 1.0, size=(batch, t, heads))),
-        beta=1.0 / (1.0 + np.exp(-rng.normal(size=(batch, t, heads)))),
-        cotangent=rng.normal(size=(batch, t, heads, dv)),
-    )
-    return {name: x.astype(np.float32) for name, x in arrays.items()}
 
 
 def jax_runners(inputs, method: str):
@@ -108,25 +88,6 @@ def fla_kernel():
     return chunk_gated_delta_rule
 
 
-def median_times(runners: dict, repeats: int) -> dict:
-    """Warm each runner once, then time them interleaved; median seconds per runner.
-
-    A runner that refuses to run (e.g. fla's Triton backward on some Triton/GPU pairs) is dropped."""
-    for name, run in list(runners.items()):
-        try:
-            run()
-        except RuntimeError as refusal:
-            print(f"{name} skipped: {str(refusal).splitlines()[0]}")
-            del runners[name]
-    samples = {name: [] for name in runners}
-    for _ in range(repeats):
-        for name, run in runners.items():
-            start = time.perf_counter()
-            run()
-            samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
@@ -163,21 +124,12 @@ def main(argv=None):
         cells = "  ".join(f"{name} {1e3 * s:8.1f} ms" for name, s in times.items())
         ratios = "  ".join(f"{k} {v:5.2f}x" for k, v in row.items() if "_over_" in k)
         print(f"T={t:5d}  {cells}\n         {ratios}", flush=True)
-    result = {
-        "benchmark": "gated delta rule: chunk vs recurrent (vs fla naive chunk), B=1 H=4 K=V=64",
-        "device": f"{jax.devices()[0].device_kind} ({platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores)",
-        "jax": jax.__version__,
-        "repeats": repeats,
-        "rows": rows,
-    }
-    output = args.output or (None if args.quick else DEFAULT_OUTPUT)
-    if output:
-        os.makedirs(os.path.dirname(output) or ".", exist_ok=True)
-        with open(output, "w") as f:
-            json.dump(result, f, indent=2)
-        print(f"wrote {output}")
-    return result
+    return save_results(
+        "gated delta rule: chunk vs recurrent (vs fla naive chunk), B=1 H=4 K=V=64",
+        rows,
+        repeats,
+        args.output or (None if args.quick else DEFAULT_OUTPUT),
+    )
 
 
 if __name__ == "__main__":

@@ -204,3 +204,12 @@ def test_rope_odd_head_dim_raises(dim):
     x = np.zeros((1, 3, 2, dim), np.float32)
     with pytest.raises(ValueError, match=rf"even head dimension.*\(1, 3, 2, {dim}\)"):
         ops.apply_rope(x, np.zeros((1, 3), np.int32))
+
+
+def test_attend_with_no_key_slots_reads_zero():
+    """A cache of capacity 0: nothing to attend to, output 0 (no reduction over an empty axis)."""
+    q = jnp.ones((2, 3, 2, 4), jnp.float32)
+    out = ops.attend(q, jnp.zeros((2, 3), jnp.int32), jnp.zeros((2, 2, 0, 4)), jnp.zeros((2, 2, 0, 5)),
+                     jnp.zeros((2, 2, 0), jnp.int32), jnp.zeros((2, 2, 0), bool), logit_scale=jnp.ones(2))
+    chex.assert_shape(out, (2, 3, 2, 5))
+    assert not np.asarray(out).any()
