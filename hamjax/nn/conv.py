@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hamjax.ops import validation
-from hamjax.ops.segments import segment_starts
+from hamjax.ops.segments import segment_index
 
 
 def causal_conv(x, weight, state, *, segment_ids=None, valid=None):
@@ -28,7 +28,7 @@ def causal_conv(x, weight, state, *, segment_ids=None, valid=None):
     segment = (
         jnp.zeros((batch, t), jnp.int32)
         if segment_ids is None
-        else jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+        else segment_index(segment_ids)
     )
     last_segment = segment[:, -1:]
     if valid is None:

@@ -50,26 +50,47 @@ def attend(
     return jnp.transpose(out, (0, 2, 1, 3))
 
 
+def masked_log(scores, valid):
+    """log s_j where valid, 0 elsewhere (the learned router's attention bias): no log(0) in the
+    forward pass or its gradient."""
+    return jnp.log(jnp.where(valid, scores, 1.0))
+
+
 def dense_routed_attention(
-    q, k, v, admitted, positions, *, logit_scale, segment_ids=None, log_weights=None
+    q, k, v, admitted, positions, *, logit_scale, segment_ids=None, log_weights=None, cache=None
 ):
     """The T x T reference: every token is a key, masked to the admitted ones.
 
     q, k [B, T, H, K]; v [B, T, H, V]; admitted [B, T, H]; positions [B, T]; log_weights [B, T, H].
+    segment_ids [B, T]: keys are seen by queries with an equal id. cache: entries from before this
+    call (keys as stored), in segment 0, so pass segment indices (`segments.segment_index`) with a
+    cache; with log_weights, their bias is the log of their stored scores.
     """
     to_heads = lambda x: jnp.moveaxis(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
-    heads = q.shape[2]
-    key_positions = jnp.broadcast_to(jnp.asarray(positions)[:, None, :], admitted.shape[:1] + (heads,) + admitted.shape[1:2])
-    key_segments = None if segment_ids is None else jnp.broadcast_to(jnp.asarray(segment_ids)[:, None, :], key_positions.shape)
+    batch, t, heads = admitted.shape
+    per_head = lambda x: jnp.broadcast_to(jnp.asarray(x)[:, None, :], (batch, heads, t))
+    segments = jnp.zeros((batch, t), jnp.int32) if segment_ids is None else jnp.asarray(segment_ids)
+    keys, values, key_positions = to_heads(k), to_heads(v), per_head(positions)
+    key_valid, key_segments = to_heads(admitted), per_head(segments)
+    key_log_weights = None if log_weights is None else to_heads(log_weights)
+    if cache is not None:
+        cat = lambda old, new: jnp.concatenate([old, new], axis=2)
+        keys = cat(cache.keys.astype(jnp.float32), keys.astype(jnp.float32))
+        values = cat(cache.values.astype(jnp.float32), values.astype(jnp.float32))
+        key_positions = cat(cache.positions, key_positions)
+        key_valid = cat(cache.occupied, key_valid)
+        key_segments = cat(jnp.zeros_like(cache.positions), key_segments)
+        if log_weights is not None:
+            key_log_weights = cat(masked_log(cache.scores, cache.occupied), key_log_weights)
     return attend(
         q,
         positions,
-        to_heads(k),
-        to_heads(v),
+        keys,
+        values,
         key_positions,
-        to_heads(admitted),
+        key_valid,
         logit_scale=logit_scale,
-        q_segments=segment_ids,
+        q_segments=segments,
         key_segments=key_segments,
-        key_log_weights=None if log_weights is None else to_heads(log_weights),
+        key_log_weights=key_log_weights,
     )

@@ -16,11 +16,11 @@ import jax.numpy as jnp
 
 from hamjax.ops import kv_cache as kv
 from hamjax.ops import validation
-from hamjax.ops.attention import attend
+from hamjax.ops.attention import attend, dense_routed_attention, masked_log
 from hamjax.ops.delta_rule import gated_delta_rule_step, gated_delta_rule_with_errors
 from hamjax.ops.rope import apply_rope
 from hamjax.ops.routing import admit, kv_fraction, surprise_scores
-from hamjax.ops.segments import segment_starts
+from hamjax.ops.segments import segment_index
 
 ATTENTION_PATHS = ("compacted", "dense")
 
@@ -107,11 +107,19 @@ def ham_sequence(
         scores, tau, capacity, valid=valid, segment_ids=segment_ids, initial_count=state.cache.count
     )
     q_rot, k_rot = (x if rope_theta is None else apply_rope(x, positions, rope_theta) for x in (q, k))
-    segment_index = _segment_index(segment_ids, batch, t)
+    segments = _segment_index(segment_ids, batch, t)
     learned = router_scores is not None
     if attention == "dense":
-        o_attn = _dense_with_cache(
-            q_rot, k_rot, v, scores, admitted, positions, segment_index, state.cache, logit_scale, learned
+        o_attn = dense_routed_attention(
+            q_rot,
+            k_rot,
+            v,
+            admitted,
+            positions,
+            logit_scale=logit_scale,
+            segment_ids=segments,
+            log_weights=masked_log(scores, admitted) if learned else None,
+            cache=state.cache,
         )
     else:
         if buffer_size is None:
@@ -125,15 +133,15 @@ def ham_sequence(
             buffer.positions,
             buffer.occupied,
             logit_scale=logit_scale,
-            q_segments=segment_index,
-            key_segments=_key_segments(buffer.positions, state.position, segment_index),
-            key_log_weights=_log_scores(buffer.scores, buffer.occupied) if learned else None,
+            q_segments=segments,
+            key_segments=_key_segments(buffer.positions, state.position, segments),
+            key_log_weights=masked_log(buffer.scores, buffer.occupied) if learned else None,
         )
     # The cache handed on holds the last segment's entries: the incoming ones only if no segment
     # started in this call.
-    last = segment_index[:, -1]
+    last = segments[:, -1]
     old_cache = kv.clear_rows(state.cache, last > 0)
-    in_last = (segment_index == last[:, None])[..., None]
+    in_last = (segments == last[:, None])[..., None]
     new_cache = kv.append_tokens(old_cache, k_rot, v, positions, scores, admitted & in_last)
     fraction, per_head = kv_fraction(admitted, valid)
     new_state = HamState(rnn.state, new_cache, state.position + t)
@@ -179,18 +187,12 @@ def ham_step(
         cache.positions,
         cache.occupied,
         logit_scale=logit_scale,
-        key_log_weights=None if router_score is None else _log_scores(cache.scores, cache.occupied),
+        key_log_weights=None if router_score is None else masked_log(cache.scores, cache.occupied),
     )[:, 0]
     fraction, per_head = kv_fraction(admitted[:, None], valid[:, None])
     return HamOutput(
         o_rnn.astype(jnp.float32), o_attn, HamState(rnn, cache, state.position + 1), admitted, score, fraction, per_head
     )
-
-
-def _log_scores(scores, valid):
-    """log s_j where valid (the learned router's attention bias), 0 elsewhere: no log(0) in the
-    forward pass or its gradient."""
-    return jnp.log(jnp.where(valid, scores, 1.0))
 
 
 def _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention, buffer_size):
@@ -229,41 +231,15 @@ def _check_common(batch, heads, dk, dv, state, tau, logit_scale):
 
 
 def _segment_index(segment_ids, batch: int, t: int):
-    """[B, T] int32: 0 for tokens continuing the incoming state, +1 at each segment start."""
+    """[B, T] int32 segment index (all 0 without segment ids)."""
     if segment_ids is None:
         return jnp.zeros((batch, t), jnp.int32)
-    return jnp.cumsum(segment_starts(segment_ids), axis=1, dtype=jnp.int32)
+    return segment_index(segment_ids)
 
 
-def _key_segments(key_positions, start, segment_index):
-    """Segment index of each buffered key [B, H, S], looked up by its position; entries from
-    before this call (position < start) continue segment 0."""
-    offset = jnp.clip(key_positions - start[:, None, None], 0, segment_index.shape[1] - 1)
-    batch = jnp.arange(segment_index.shape[0])[:, None, None]
-    return jnp.where(key_positions < start[:, None, None], 0, segment_index[batch, offset])
-
-
-def _dense_with_cache(q, k, v, scores, admitted, positions, segment_index, cache, logit_scale, learned):
-    """The reference path: every token of the call (masked to the admitted) plus the incoming cache
-    entries are keys; T x (C + T) scores."""
-    to_heads = lambda x: jnp.moveaxis(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
-    heads = q.shape[2]
-    per_head = lambda x: jnp.broadcast_to(x[:, None, :], (x.shape[0], heads, x.shape[1]))
-    keys = jnp.concatenate([cache.keys.astype(jnp.float32), to_heads(k).astype(jnp.float32)], axis=2)
-    values = jnp.concatenate([cache.values.astype(jnp.float32), to_heads(v).astype(jnp.float32)], axis=2)
-    key_positions = jnp.concatenate([cache.positions, per_head(positions)], axis=2)
-    key_valid = jnp.concatenate([cache.occupied, to_heads(admitted)], axis=2)
-    key_segments = jnp.concatenate([jnp.zeros_like(cache.positions), per_head(segment_index)], axis=2)
-    key_scores = jnp.concatenate([cache.scores, to_heads(scores)], axis=2)
-    return attend(
-        q,
-        positions,
-        keys,
-        values,
-        key_positions,
-        key_valid,
-        logit_scale=logit_scale,
-        q_segments=segment_index,
-        key_segments=key_segments,
-        key_log_weights=_log_scores(key_scores, key_valid) if learned else None,
-    )
+def _key_segments(key_positions, start, index):
+    """Segment index of each buffered key [B, H, S], looked up by its position in `index` [B, T];
+    entries from before this call (position < start) continue segment 0."""
+    offset = jnp.clip(key_positions - start[:, None, None], 0, index.shape[1] - 1)
+    batch = jnp.arange(index.shape[0])[:, None, None]
+    return jnp.where(key_positions < start[:, None, None], 0, index[batch, offset])

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from hamjax.ops import validation
-from hamjax.ops.segments import segment_starts
+from hamjax.ops.segments import segment_index, segment_starts
 
 
 def surprise_scores(errors):
@@ -45,7 +45,7 @@ def admit(scores, tau, capacity: int, *, valid=None, segment_ids=None, initial_c
         starts = segment_starts(segment_ids)[..., None]
         before_start = jnp.where(starts, count - candidate, 0)
         count = count - jax.lax.cummax(before_start, axis=1)
-        first_segment = ~jnp.cumsum(starts, axis=1, dtype=jnp.int32).astype(bool)
+        first_segment = (segment_index(segment_ids) == 0)[..., None]
     else:
         first_segment = True
     if initial_count is not None:
