@@ -113,6 +113,26 @@ def test_attend_gradients_are_finite_with_blind_queries(log_weights):
         assert np.isfinite(np.asarray(grad)).all(), f"d/d{name} has non-finite values"
 
 
+@pytest.mark.parametrize("window", [1, 4, 41])
+@pytest.mark.parametrize("segments", [False, True], ids=["no_segments", "segments"])
+def test_attend_window_matches_brute_force_mask(window, segments):
+    """window: key j is seen by query t only if pos_t - window < pos_j <= pos_t (and valid, same
+    segment); a window spanning every position (41 here) changes nothing."""
+    args, kwargs = attend_case(7, segments=segments)
+    out = jax.jit(ops.attend, static_argnames="window")(*args.values(), **kwargs, window=window)
+    mask = np.zeros((B, H, T, args["keys"].shape[2]), bool)
+    for b, h, t, j in np.ndindex(mask.shape):
+        q_pos, key_pos = args["q_positions"][b, t], args["key_positions"][b, h, j]
+        same = not segments or kwargs["key_segments"][b, h, j] == kwargs["q_segments"][b, t]
+        mask[b, h, t, j] = args["key_valid"][b, h, j] and q_pos - window < key_pos <= q_pos and same
+    expected = masked_attention_reference(args["q"], args["keys"], args["values"], mask, kwargs["logit_scale"])
+    assert_close(out, expected, f"attend, window={window}")
+    if window < 41:
+        assert (attend_mask(args, kwargs) & ~mask).any(), "the window never hides a key"
+    else:
+        assert_close(out, np.asarray(_attend(*args.values(), **kwargs)), "window 41", tol=1e-6)
+
+
 # ---------------------------------------------------------------------- dense == compacted routing
 
 

@@ -1,13 +1,19 @@
 """Flax NNX modules that own parameters and call hamjax.ops."""
 
+from hamjax.nn.attention import Attention
 from hamjax.nn.conv import ShortConv, causal_conv, causal_conv_step
 from hamjax.nn.gdn import GatedDeltaNet, GDNCache
 from hamjax.nn.ham import HAM, HAMCache, HAMStats, LearnedRouter, Threshold
+from hamjax.nn.mlp import SwiGLU
+from hamjax.nn.model import MIXERS, Block, LanguageModel, ModelConfig, ModelStats
 from hamjax.nn.norm import RMSNorm
 from hamjax.nn.projections import DeltaInputs, DeltaProjections
 from hamjax.nn.variables import NoWeightDecay
 
 __all__ = [
+    "MIXERS",
+    "Attention",
+    "Block",
     "DeltaInputs",
     "DeltaProjections",
     "GDNCache",
@@ -15,10 +21,14 @@ __all__ = [
     "HAM",
     "HAMCache",
     "HAMStats",
+    "LanguageModel",
     "LearnedRouter",
+    "ModelConfig",
+    "ModelStats",
     "NoWeightDecay",
     "RMSNorm",
     "ShortConv",
+    "SwiGLU",
     "Threshold",
     "causal_conv",
     "causal_conv_step",

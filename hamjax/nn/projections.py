@@ -63,7 +63,7 @@ class DeltaProjections(nnx.Module):
 
         Returns (DeltaInputs, new conv state). A length-1 input takes the conv's single-step path.
         """
-        self._check_inputs(x, segment_ids, valid)
+        validation.check_sequence_inputs(x, self.d_model, segment_ids, valid)
         batch, t, _ = x.shape
         heads, dk, dv = self.heads, self.key_dim, self.value_dim
         qkv, conv_state = self.conv(self.qkv_proj(x), conv_state, segment_ids=segment_ids, valid=valid)
@@ -82,17 +82,6 @@ class DeltaProjections(nnx.Module):
         """h, z [B, T, H, V] -> y = W_o[h * SiLU(z)] [B, T, D]."""
         batch, t = h.shape[:2]
         return self.out_proj((h * jax.nn.silu(z.astype(jnp.float32))).reshape(batch, t, -1))
-
-    def _check_inputs(self, x, segment_ids, valid) -> None:
-        """Raise ValueError unless x is [B, T, D] and segment_ids, valid (when given) are [B, T]."""
-        validation.check_rank("x", x, 3, "[B, T, D]")
-        batch, t, _ = x.shape
-        validation.check_shape("x", x, (batch, t, self.d_model), "[B, T, D]")
-        if segment_ids is not None:
-            validation.check_integer("segment_ids", segment_ids)
-            validation.check_shape("segment_ids", segment_ids, (batch, t), "[B, T]")
-        if valid is not None:
-            validation.check_shape("valid", valid, (batch, t), "[B, T]")
 
 
 def _l2_normalize(x, eps: float = 1e-6):

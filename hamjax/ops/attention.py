@@ -2,12 +2,15 @@
 
 One masked softmax (`attend`) serves all three uses: the dense T x T reference (keys = every token,
 valid = admitted), the compacted path (keys = a buffer holding only the admitted tokens) and the
-decode step (keys = the KV cache).
+decode step (keys = the KV cache). With every token valid it is plain causal attention, and with a
+`window` sliding-window attention.
 """
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+
+from hamjax.ops import validation
 
 
 def attend(
@@ -22,22 +25,27 @@ def attend(
     q_segments=None,
     key_segments=None,
     key_log_weights=None,
+    window: int | None = None,
 ):
-    """softmax_j(logit_scale_h * q_t . k_j + log w_j) v_j over keys j with valid_j, pos_j <= pos_t and
-    (when segments are given) the same segment as t. Queries that see no key get 0.
+    """softmax_j(logit_scale_h * q_t . k_j + log w_j) v_j over keys j with valid_j, pos_j <= pos_t,
+    (when segments are given) the same segment as t and (when `window` is given) pos_t - window <
+    pos_j: a sliding window of `window` positions, t's own included. Queries that see no key get 0.
 
     q [B, T, H, K]; q_positions [B, T]; keys [B, H, S, K]; values [B, H, S, V]; key_positions,
     key_valid [B, H, S]; logit_scale [H]; q_segments [B, T]; key_segments [B, H, S];
     key_log_weights [B, H, S] (learned router: log s_j). Returns [B, T, H, V] float32.
     """
+    if window is not None:
+        validation.check_positive_int("window", window)
     q = jnp.asarray(q, jnp.float32)
     logits = jnp.einsum("bthk,bhsk->bhts", q, jnp.asarray(keys, jnp.float32))
     logits = logits * jnp.asarray(logit_scale, jnp.float32)[:, None, None]
     if key_log_weights is not None:
         logits = logits + jnp.asarray(key_log_weights, jnp.float32)[:, :, None, :]
-    mask = jnp.asarray(key_valid, bool)[:, :, None, :] & (
-        jnp.asarray(key_positions)[:, :, None, :] <= jnp.asarray(q_positions)[:, None, :, None]
-    )
+    key_pos, q_pos = jnp.asarray(key_positions)[:, :, None, :], jnp.asarray(q_positions)[:, None, :, None]
+    mask = jnp.asarray(key_valid, bool)[:, :, None, :] & (key_pos <= q_pos)
+    if window is not None:
+        mask &= key_pos > q_pos - window
     if q_segments is not None:
         mask &= jnp.asarray(key_segments)[:, :, None, :] == jnp.asarray(q_segments)[:, None, :, None]
     logits = jnp.where(mask, logits, -jnp.inf)
@@ -57,14 +65,24 @@ def masked_log(scores, valid):
 
 
 def dense_routed_attention(
-    q, k, v, admitted, positions, *, logit_scale, segment_ids=None, log_weights=None, cache=None
+    q,
+    k,
+    v,
+    admitted,
+    positions,
+    *,
+    logit_scale,
+    segment_ids=None,
+    log_weights=None,
+    cache=None,
+    window: int | None = None,
 ):
     """The T x T reference: every token is a key, masked to the admitted ones.
 
     q, k [B, T, H, K]; v [B, T, H, V]; admitted [B, T, H]; positions [B, T]; log_weights [B, T, H].
     segment_ids [B, T]: keys are seen by queries with an equal id. cache: entries from before this
     call (keys as stored), in segment 0, so pass segment indices (`segments.segment_index`) with a
-    cache; with log_weights, their bias is the log of their stored scores.
+    cache; with log_weights, their bias is the log of their stored scores. window: as in `attend`.
     """
     to_heads = lambda x: jnp.moveaxis(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
     batch, t, heads = admitted.shape
@@ -93,4 +111,5 @@ def dense_routed_attention(
         q_segments=segments,
         key_segments=key_segments,
         key_log_weights=key_log_weights,
+        window=window,
     )

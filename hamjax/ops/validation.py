@@ -84,3 +84,26 @@ def check_integer(name: str, x) -> None:
     dtype = jnp.result_type(x)
     if not jnp.issubdtype(dtype, jnp.integer):
         raise ValueError(f"{name} must have an integer dtype, got {dtype} (shape {_shape(x)})")
+
+
+def check_token_ids(name: str, tokens, vocab_size: int) -> None:
+    """Raise unless `tokens` is integer and, when concrete, every id is in [0, vocab_size)."""
+    check_integer(name, tokens)
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
+        raise ValueError(f"{name} holds id {int(bad)} outside the vocabulary [0, {vocab_size})")
+
+
+def check_sequence_inputs(x, d_model: int, segment_ids=None, valid=None) -> None:
+    """Raise unless x is [B, T, D] with D = d_model and segment_ids (integer), valid are [B, T]."""
+    check_rank("x", x, 3, "[B, T, D]")
+    batch, t, _ = _shape(x)
+    check_shape("x", x, (batch, t, d_model), "[B, T, D]")
+    if segment_ids is not None:
+        check_integer("segment_ids", segment_ids)
+        check_shape("segment_ids", segment_ids, (batch, t), "[B, T]")
+    if valid is not None:
+        check_shape("valid", valid, (batch, t), "[B, T]")

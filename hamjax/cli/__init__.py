@@ -1,0 +1,1 @@
+"""The `hamjax` command line: train | eval."""

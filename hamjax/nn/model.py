@@ -1,0 +1,188 @@
+"""The language model: token embedding, a stack of pre-norm blocks whose token mixers follow a
+pattern (HAM, GDN, full or sliding-window attention), SwiGLU MLPs, a final RMSNorm and the LM head."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from hamjax import ops
+from hamjax.nn.attention import Attention
+from hamjax.nn.gdn import GatedDeltaNet
+from hamjax.nn.ham import HAM, ROUTERS
+from hamjax.nn.mlp import SwiGLU
+from hamjax.nn.norm import RMSNorm
+from hamjax.ops import validation
+from hamjax.ops.ham import ATTENTION_PATHS
+
+MIXERS = ("ham", "gdn", "attention", "swa")  # swa: sliding-window attention
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """The model's shape (defaults: the `small` preset). `pattern` lists token mixers (comma-separated, from MIXERS) and repeats to
+    fill `n_layers`: "ham" is all-HAM, "attention" a Transformer, "gdn,gdn,gdn,attention" GDN with
+    every 4th layer attention, "gdn,swa" GDN interleaved with sliding-window attention.
+
+    Attention layers use `heads` heads of size `key_dim`. HAM: `capacity` KV slots per row and head,
+    `router`, and the threshold (tau_init; kv_target None keeps tau fixed, otherwise the controller
+    moves log tau by tau_lr * (measured - target) each training step after tau_freeze_steps).
+    mlp_hidden None: 8/3 d_model rounded up to a multiple of 32. ham_attention: "dense" (T x T,
+    masked) or "compacted" (T x buffer); dense is the cheaper one while capacity >= T.
+    """
+
+    vocab_size: int = 256
+    d_model: int = 128
+    n_layers: int = 4
+    pattern: str = "ham"
+    heads: int = 2
+    key_dim: int = 64
+    value_dim: int = 64
+    mlp_hidden: int | None = None
+    window: int = 128
+    capacity: int = 512
+    router: str = "surprise"
+    tau_init: float = 0.5
+    kv_target: float | None = 0.25
+    tau_lr: float = 0.1
+    tau_freeze_steps: int = 0
+    ham_attention: str = "dense"
+    rope_theta: float | None = 10000.0
+    conv_width: int = 4
+    chunk_size: int = 64
+    tie_embeddings: bool = True
+    remat: bool = False
+    norm_eps: float = 1e-5
+
+    def __post_init__(self):
+        for name in ("vocab_size", "d_model", "n_layers", "heads", "key_dim", "value_dim", "window", "capacity",
+                     "conv_width", "chunk_size"):
+            validation.check_positive_int(name, getattr(self, name))
+        if self.mlp_hidden is not None:
+            validation.check_positive_int("mlp_hidden", self.mlp_hidden)
+        for kind in self.mixers:
+            if kind not in MIXERS:
+                raise ValueError(f"pattern {self.pattern!r} names an unknown mixer {kind!r}; choose from {MIXERS}")
+        validation.check_choice("router", self.router, ROUTERS)
+        validation.check_choice("ham_attention", self.ham_attention, ATTENTION_PATHS)
+        validation.check_positive_float("tau_init", self.tau_init)
+        if self.kv_target is not None and not 0.0 < self.kv_target <= 1.0:
+            raise ValueError(f"kv_target must be in (0, 1] or None, got {self.kv_target!r}")
+        validation.check_positive_float("tau_lr", self.tau_lr)
+        validation.check_nonnegative_int("tau_freeze_steps", self.tau_freeze_steps)
+
+    @property
+    def mixers(self) -> tuple[str, ...]:
+        """The token mixer of each layer: `pattern` repeated to n_layers."""
+        kinds = tuple(kind.strip() for kind in self.pattern.split(","))
+        return tuple(kinds[i % len(kinds)] for i in range(self.n_layers))
+
+    @property
+    def mlp_width(self) -> int:
+        return self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    @property
+    def threshold(self) -> ops.ThresholdConfig:
+        return ops.ThresholdConfig(self.tau_init, self.kv_target, self.tau_lr, self.tau_freeze_steps)
+
+
+class ModelStats(NamedTuple):
+    """Of the HAM layers, in order (L_ham of them): kv_fraction [L_ham], kv_fraction_per_head
+    [L_ham, H] (admitted / valid tokens of this call)."""
+
+    kv_fraction: jax.Array
+    kv_fraction_per_head: jax.Array
+
+
+def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    c = config
+    if kind == "ham":
+        return HAM(
+            c.d_model, c.heads, c.key_dim, c.value_dim, capacity=c.capacity, router=c.router,
+            threshold=c.threshold, rope_theta=c.rope_theta, attention=c.ham_attention, conv_width=c.conv_width,
+            chunk_size=c.chunk_size, norm_eps=c.norm_eps, rngs=rngs,
+        )
+    if kind == "gdn":
+        return GatedDeltaNet(
+            c.d_model, c.heads, c.key_dim, c.value_dim, conv_width=c.conv_width, chunk_size=c.chunk_size,
+            norm_eps=c.norm_eps, rngs=rngs,
+        )
+    window = c.window if kind == "swa" else None
+    return Attention(c.d_model, c.heads, c.key_dim, window=window, rope_theta=c.rope_theta, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(.)). x [B, T, D] -> (x [B, T, D], HAMStats or None)."""
+
+    def __init__(self, kind: str, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.kind = kind
+        self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mixer = make_mixer(kind, config, rngs)
+        self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.mlp = SwiGLU(config.d_model, config.mlp_width, rngs=rngs)
+
+    def __call__(self, x, *, segment_ids=None, valid=None):
+        h = self.mixer_norm(x)
+        stats = None
+        if self.kind == "ham":
+            h, _, stats = self.mixer(h, segment_ids=segment_ids, valid=valid)
+        elif self.kind == "gdn":
+            h, _ = self.mixer(h, segment_ids=segment_ids, valid=valid)
+        else:
+            h = self.mixer(h, segment_ids=segment_ids, valid=valid)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), stats
+
+
+class LanguageModel(nnx.Module):
+    """tokens [B, T] int -> logits [B, T, vocab] float32, and ModelStats of its HAM layers."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        std = config.d_model**-0.5  # tied head: logits of unit-RMS features start with unit scale
+        self.embed = nnx.Embed(
+            config.vocab_size, config.d_model, embedding_init=nnx.initializers.normal(std), rngs=rngs
+        )
+        self.blocks = nnx.List([Block(kind, config, rngs=rngs) for kind in config.mixers])
+        self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
+        self.head = None if config.tie_embeddings else nnx.Linear(config.d_model, config.vocab_size, use_bias=False, rngs=rngs)
+
+    @property
+    def ham_layers(self) -> list[HAM]:
+        return [block.mixer for block in self.blocks if block.kind == "ham"]
+
+    def __call__(self, tokens, *, segment_ids=None, valid=None):
+        """tokens [B, T] in [0, vocab); segment_ids [B, T] (packed documents: nothing crosses a
+        boundary); valid [B, T] (False = padding). Returns (logits [B, T, vocab], ModelStats)."""
+        validation.check_rank("tokens", tokens, 2, "[B, T]")
+        validation.check_token_ids("tokens", tokens, self.config.vocab_size)
+        x = self.embed(tokens)
+        fractions, per_head = [], []
+        for block in self.blocks:
+            call = lambda blk, x: blk(x, segment_ids=segment_ids, valid=valid)
+            x, stats = (nnx.remat(call) if self.config.remat else call)(block, x)
+            if stats is not None:
+                fractions.append(stats.kv_fraction)
+                per_head.append(stats.kv_fraction_per_head)
+        x = self.final_norm(x)
+        logits = self.embed.attend(x) if self.head is None else self.head(x)
+        heads = self.config.heads
+        stats = ModelStats(
+            jnp.stack(fractions) if fractions else jnp.zeros((0,), jnp.float32),
+            jnp.stack(per_head) if per_head else jnp.zeros((0, heads), jnp.float32),
+        )
+        return logits.astype(jnp.float32), stats
+
+    def update_thresholds(self, kv_fraction) -> None:
+        """One controller step for each HAM layer from its measured kv_fraction [L_ham]."""
+        for i, layer in enumerate(self.ham_layers):
+            layer.update_threshold(kv_fraction[i])
+
+    def taus(self) -> jax.Array:
+        """The HAM layers' thresholds [L_ham]."""
+        return jnp.stack([layer.tau for layer in self.ham_layers]) if self.ham_layers else jnp.zeros((0,))

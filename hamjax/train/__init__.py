@@ -1,0 +1,30 @@
+"""Training: configs and presets, the Optax optimizer, the jitted steps, Orbax checkpoints, metrics
+and the loop."""
+
+from hamjax.train.checkpoint import Checkpoints
+from hamjax.train.config import PRESETS, DataConfig, RunConfig, TrainConfig, preset
+from hamjax.train.loop import Evaluation, NonFiniteLoss, RunSummary, evaluate, evaluate_checkpoint, train
+from hamjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
+from hamjax.train.step import StepMetrics, bits_per_byte, eval_step, train_step
+
+__all__ = [
+    "PRESETS",
+    "Checkpoints",
+    "DataConfig",
+    "Evaluation",
+    "NonFiniteLoss",
+    "RunConfig",
+    "RunSummary",
+    "StepMetrics",
+    "TrainConfig",
+    "bits_per_byte",
+    "eval_step",
+    "evaluate",
+    "evaluate_checkpoint",
+    "learning_rate_schedule",
+    "make_optimizer",
+    "preset",
+    "train",
+    "train_step",
+    "weight_decay_mask",
+]

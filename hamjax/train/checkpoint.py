@@ -1,0 +1,57 @@
+"""Orbax checkpoints of a run: model (parameters and threshold-controller state), optimizer, and a
+JSON record (step, data position, seed, metrics). Saves are atomic: a save interrupted by a crash
+leaves no step behind, so a restart resumes from the last complete checkpoint."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+
+def _pure_state(model: nnx.Module, optimizer: nnx.Optimizer) -> dict:
+    return {"model": nnx.to_pure_dict(nnx.state(model)), "optimizer": nnx.to_pure_dict(nnx.state(optimizer))}
+
+
+class Checkpoints:
+    """The checkpoints/ folder of a run: save every step it is asked to, keep the last `keep`."""
+
+    def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
+        options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+        self.directory = pathlib.Path(directory).absolute()
+        self.manager = ocp.CheckpointManager(self.directory, options=options)
+
+    def latest_step(self) -> int | None:
+        """The last complete checkpoint's step (None: none yet)."""
+        return self.manager.latest_step()
+
+    def save(self, step: int, model: nnx.Module, optimizer: nnx.Optimizer, record: dict) -> None:
+        """Start saving (returns once the arrays are copied; the write finishes in the background
+        when async)."""
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(_pure_state(model, optimizer)), record=ocp.args.JsonSave(record)
+        )
+        self.manager.save(step, args=args, force=True)
+
+    def restore(self, model: nnx.Module, optimizer: nnx.Optimizer, step: int | None = None) -> dict:
+        """Load checkpoint `step` (default: the latest) into model and optimizer; returns its record."""
+        step = self.latest_step() if step is None else step
+        if step is None or step not in self.manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure_state(model, optimizer))
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
+        restored = self.manager.restore(step, args=args)
+        for obj, name in ((model, "model"), (optimizer, "optimizer")):
+            state = nnx.state(obj)
+            nnx.replace_by_pure_dict(state, restored["state"][name])
+            nnx.update(obj, state)
+        return dict(restored["record"])
+
+    def wait(self) -> None:
+        """Block until background saves are written."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.close()

@@ -1,0 +1,202 @@
+"""The training loop and evaluation: data -> model -> loss -> optimizer, with checkpoints, metrics,
+a progress bar, Ctrl-C handling and a stop on a non-finite loss."""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import signal
+import statistics
+import threading
+import time
+from typing import NamedTuple
+
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from hamjax.data import Corpus, PackedRows, batch_at, load_tokenizer, prepare_corpus, sequential_batches
+from hamjax.nn.model import LanguageModel
+from hamjax.train.checkpoint import Checkpoints
+from hamjax.train.config import RunConfig
+from hamjax.train.flops import measure_matmul_peak, training_flops_per_token
+from hamjax.train.optimizer import make_optimizer
+from hamjax.train.plot import plot_run
+from hamjax.train.run_folder import MetricsLog, load_run_config, prepare_run_folder
+from hamjax.train.step import bits_per_byte, eval_step, train_step
+
+
+class NonFiniteLoss(RuntimeError):
+    """Training stopped because the loss became NaN or infinite."""
+
+
+class Evaluation(NamedTuple):
+    loss: float
+    bpb: float
+    kv_fraction: list[float]
+    tokens: int
+
+
+class RunSummary(NamedTuple):
+    """status: "finished" or "interrupted"; step: the last step trained; validation: the final
+    evaluation (None when interrupted); tokens_per_s and mfu: medians over the steps of this process
+    after the first (which compiles)."""
+
+    status: str
+    step: int
+    validation: Evaluation | None
+    tokens_per_s: float
+    mfu: float
+    seconds: float
+
+
+def load_corpus(config: RunConfig) -> Corpus:
+    """The run's tokenized, packed corpus; ValueError if the tokenizer's vocabulary does not fit."""
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    if tokenizer.vocab_size > config.model.vocab_size:
+        raise ValueError(
+            f"tokenizer {config.data.tokenizer!r} has {tokenizer.vocab_size} ids but vocab_size is "
+            f"{config.model.vocab_size}; pass --vocab_size {tokenizer.vocab_size} or more"
+        )
+    return prepare_corpus(
+        config.data.source,
+        tokenizer,
+        seq_len=config.data.seq_len,
+        validation_fraction=config.data.validation_fraction,
+        text_field=config.data.text_field,
+    )
+
+
+def build(config: RunConfig) -> tuple[LanguageModel, nnx.Optimizer]:
+    model = LanguageModel(config.model, rngs=nnx.Rngs(config.train.seed))
+    return model, make_optimizer(model, config.train)
+
+
+def evaluate(model: LanguageModel, rows: PackedRows, bytes_per_token: float, batch_size: int, max_batches: int = 0):
+    """Mean next-token loss, bits per byte and KV fraction per HAM layer over the rows (the first
+    max_batches batches; 0: all). The thresholds do not move."""
+    loss_sum, tokens, fractions = 0.0, 0, []
+    for i, batch in enumerate(sequential_batches(rows, batch_size)):
+        if max_batches and i == max_batches:
+            break
+        batch_loss, batch_tokens, kv = eval_step(model, batch.tokens, batch.segment_ids)
+        loss_sum += float(batch_loss)
+        tokens += int(batch_tokens)
+        fractions.append((np.asarray(kv), len(batch.tokens)))
+    loss = loss_sum / max(tokens, 1)
+    rows_seen = sum(n for _, n in fractions)
+    kv = sum(f * n for f, n in fractions) / rows_seen
+    return Evaluation(loss, bits_per_byte(loss, bytes_per_token), [float(f) for f in kv], tokens)
+
+
+class _StopRequest:
+    """The first Ctrl-C asks the loop to save and stop after the current step; a second one
+    interrupts at once. (Only the main thread can catch signals; elsewhere Ctrl-C is left alone.)"""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = None
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        signal.signal(signal.SIGINT, self.previous)
+        tqdm.write("Ctrl-C: saving a checkpoint after this step (press again to abort at once)")
+
+    def close(self):
+        if self.previous is not None and not self.requested:
+            signal.signal(signal.SIGINT, self.previous)
+
+
+def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
+    """Train (or resume) the run in config.run_dir; see the README's training section."""
+    started = time.perf_counter()
+    corpus = load_corpus(config)
+    model, optimizer = build(config)
+    run = prepare_run_folder(config)
+    tc = config.train
+    checkpoints = Checkpoints(run / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
+    start = 0
+    if checkpoints.latest_step() is not None:
+        start = checkpoints.restore(model, optimizer)["step"]
+    log = MetricsLog(run / "metrics.jsonl", resume_step=start)
+    peak = measure_matmul_peak()
+    rows_per_step = tc.batch_size * tc.grad_accum
+    flops_per_token = training_flops_per_token(config.model, config.data.seq_len)
+    record = lambda step: {"step": step, "data_position": step * rows_per_step, "seed": tc.seed}
+    speeds, mfus, status, step = [], [], "finished", start
+    stop = _StopRequest()
+    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    try:
+        for step in range(start + 1, tc.steps + 1):
+            batch = batch_at(corpus.train, step - 1, rows_per_step, tc.seed)
+            shape = (tc.grad_accum, tc.batch_size, -1)
+            tick = time.perf_counter()
+            metrics = train_step(model, optimizer, batch.tokens.reshape(shape), batch.segment_ids.reshape(shape))
+            loss, grad_norm = float(metrics.loss), float(metrics.grad_norm)
+            seconds = time.perf_counter() - tick
+            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                last = checkpoints.latest_step()
+                where = (f"stopped; the last good checkpoint is step {last} in {checkpoints.directory}"
+                         if last is not None else "stopped before any checkpoint was saved")
+                raise NonFiniteLoss(
+                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}: training {where}"
+                )
+            tokens_per_s = int(metrics.tokens) / seconds
+            mfu = tokens_per_s * flops_per_token / peak
+            if step > start + 1:
+                speeds.append(tokens_per_s)
+                mfus.append(mfu)
+            kv = [float(f) for f in np.asarray(metrics.kv_fraction)]
+            log.write({
+                "kind": "train", "step": step, "loss": loss, "bpb": bits_per_byte(loss, corpus.bytes_per_token),
+                "grad_norm": grad_norm, "kv_fraction": kv,
+                "tau": [float(t) for t in np.asarray(metrics.tau)], "tokens_per_s": tokens_per_s, "mfu": mfu,
+            })
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", kv=" ".join(f"{f:.2f}" for f in kv))
+            if step % tc.eval_every == 0 or step == tc.steps:
+                result = evaluate(model, corpus.validation, corpus.bytes_per_token, tc.batch_size, tc.eval_batches)
+                log.write({"kind": "eval", "step": step, "loss": result.loss, "bpb": result.bpb,
+                           "kv_fraction": result.kv_fraction})
+            if step % tc.save_every == 0 or step == tc.steps or stop.requested:
+                checkpoints.save(step, model, optimizer, record(step))
+            if stop.requested:
+                status = "interrupted"
+                break
+    finally:
+        bar.close()
+        stop.close()
+        checkpoints.wait()
+        checkpoints.close()
+    plot_run(run, config.model.kv_target)
+    validation = None
+    if status == "finished":
+        validation = evaluate(model, corpus.validation, corpus.bytes_per_token, tc.batch_size)
+    median = lambda xs: statistics.median(xs) if xs else float("nan")
+    summary = RunSummary(status, step, validation, median(speeds), median(mfus), time.perf_counter() - started)
+    write_summary(run, summary, peak)
+    return summary
+
+
+def write_summary(run: pathlib.Path, summary: RunSummary, peak_flops: float) -> None:
+    """run/summary.json: how this process's part of the run ended, its speed and the measured peak."""
+    record = summary._asdict()
+    record["validation"] = None if summary.validation is None else summary.validation._asdict()
+    record["matmul_peak_gflops"] = peak_flops / 1e9
+    (run / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def evaluate_checkpoint(run_dir: str, step: int | None = None, max_batches: int = 0) -> tuple[int, Evaluation]:
+    """Validation loss, bits per byte and KV fraction of a run's checkpoint (default: the latest)."""
+    config = load_run_config(run_dir)
+    corpus = load_corpus(config)
+    model, optimizer = build(config)
+    checkpoints = Checkpoints(f"{run_dir}/checkpoints", async_save=False)
+    try:
+        step = checkpoints.restore(model, optimizer, step)["step"]
+    finally:
+        checkpoints.close()
+    return step, evaluate(model, corpus.validation, corpus.bytes_per_token, config.train.batch_size, max_batches)

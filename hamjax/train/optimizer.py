@@ -1,0 +1,54 @@
+"""AdamW with warmup + cosine decay, global-norm clipping, and weight decay only where it belongs."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import optax
+from flax import nnx
+
+from hamjax.nn.variables import NoWeightDecay
+from hamjax.train.config import TrainConfig
+
+
+def learning_rate_schedule(config: TrainConfig) -> optax.Schedule:
+    """Linear warmup from 0 to learning_rate over warmup_steps, then cosine decay to
+    min_lr_ratio * learning_rate at `steps`."""
+    return optax.warmup_cosine_decay_schedule(
+        0.0,
+        config.learning_rate,
+        warmup_steps=config.warmup_steps,
+        decay_steps=max(config.steps, config.warmup_steps + 1),
+        end_value=config.learning_rate * config.min_lr_ratio,
+    )
+
+
+def weight_decay_mask(model: nnx.Module) -> nnx.State:
+    """True for the parameters that get weight decay: matrices (and embeddings) that are not
+    NoWeightDecay. Norm scales, biases, A_log, dt_bias and the HAM attention scales get none."""
+    params = nnx.state(model, nnx.Param)
+    decays = lambda v: not isinstance(v, NoWeightDecay) and v.ndim >= 2
+    return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
+    """nnx.Optimizer over the model's nnx.Params (the threshold is not one: its controller moves it).
+    Equal configs and masks share one transformation object, so a rebuilt optimizer (a resumed
+    run, a sweep) reuses the jitted train step instead of compiling it again."""
+    leaves, treedef = jax.tree.flatten(weight_decay_mask(model))
+    return nnx.Optimizer(model, _transformation(config, treedef, tuple(leaves)), wrt=nnx.Param)
+
+
+@functools.lru_cache(maxsize=16)
+def _transformation(config: TrainConfig, mask_treedef, mask_leaves: tuple[bool, ...]) -> optax.GradientTransformation:
+    return optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(
+            learning_rate_schedule(config),
+            b1=config.beta1,
+            b2=config.beta2,
+            weight_decay=config.weight_decay,
+            mask=jax.tree.unflatten(mask_treedef, mask_leaves),
+        ),
+    )

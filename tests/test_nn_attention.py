@@ -1,0 +1,190 @@
+"""hamjax.nn.attention: multi-head causal softmax attention (full, sliding window, RoPE, segments,
+padding) against a float64 NumPy oracle that uses the layer's own weights."""
+
+from __future__ import annotations
+
+import functools
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hamjax import ops
+from hamjax.nn.attention import Attention
+from layer_checks import TOL, normal
+from oracles import masked_attention_reference, rel_rms, rope_reference
+
+B, T, D, H, K = 2, 11, 16, 3, 6  # K: head_dim
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "out_proj")
+SEGMENT_IDS = np.array([[0] * 4 + [1] * 7, [5] * 8 + [2] * 3], np.int32)  # boundaries at 4 and 8
+VALID = np.ones((B, T), bool)
+VALID[0, [2, 5, 6]] = False
+VALID[1, [0, 9]] = False  # row 1's first query sees no key
+
+
+@functools.cache
+def make_layer(window=None, rope_theta=10000.0):
+    return Attention(D, H, K, window=window, rope_theta=rope_theta, rngs=nnx.Rngs(0))
+
+
+@nnx.jit
+def run(layer, x, segment_ids, valid):
+    """Positional arguments only, so that equal calls share one compilation."""
+    return layer(x, segment_ids=segment_ids, valid=valid)
+
+
+def kernels(layer):
+    return {name: np.asarray(getattr(layer, name).kernel[...], np.float64) for name in PROJECTIONS}
+
+
+def attention_oracle(params, x, *, window=None, rope_theta=10000.0, segment_ids=None, valid=None):
+    """float64: project with `params` (the four kernels), rotate q and k at positions 0..T-1, then a
+    masked softmax per query over the keys j with t - window < j <= t, same segment, valid."""
+    x = np.asarray(x, np.float64)
+    batch, t, _ = x.shape
+    q, k, v = (np.reshape(x @ params[name], (batch, t, H, K)) for name in PROJECTIONS[:3])
+    pos = np.arange(t)
+    q, k = (rope_reference(a, pos[:, None], rope_theta) for a in (q, k))
+    visible = pos[None, :] <= pos[:, None]  # [query, key]
+    if window is not None:
+        visible &= pos[None, :] > pos[:, None] - window
+    mask = np.broadcast_to(visible, (batch, H, t, t))
+    if valid is not None:
+        mask = mask & np.asarray(valid, bool)[:, None, None, :]
+    if segment_ids is not None:
+        mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
+    heads = lambda a: np.moveaxis(a, 1, 2)  # noqa: E731  [B, T, H, .] -> [B, H, T, .]
+    o = masked_attention_reference(q, heads(k), heads(v), mask, np.full(H, K**-0.5))
+    return o.reshape(batch, t, H * K) @ params["out_proj"]
+
+
+LAYERS = {
+    "full": dict(),
+    "window1": dict(window=1),
+    "window3": dict(window=3),
+    "window_T": dict(window=T),
+    "window_over_T": dict(window=T + 5),
+    "no_rope": dict(rope_theta=None),
+}
+INPUTS = {
+    "plain": dict(),
+    "segments": dict(segment_ids=SEGMENT_IDS),
+    "padding": dict(valid=VALID),
+    "segments_padding": dict(segment_ids=SEGMENT_IDS, valid=VALID),
+}
+
+
+@pytest.mark.parametrize("inputs", INPUTS, ids=list(INPUTS))
+@pytest.mark.parametrize("config", LAYERS, ids=list(LAYERS))
+def test_matches_oracle(config, inputs):
+    """Outputs at valid positions equal the oracle (padded keys removed); padding stays finite."""
+    layer, kwargs = make_layer(**LAYERS[config]), INPUTS[inputs]
+    x = normal(1, (B, T, D))
+    y = run(layer, x, kwargs.get("segment_ids"), kwargs.get("valid"))
+    assert y.shape == (B, T, D) and y.dtype == jnp.float32
+    assert np.isfinite(np.asarray(y)).all()
+    expected = attention_oracle(kernels(layer), x, **LAYERS[config], **kwargs)
+    keep = kwargs.get("valid", np.ones((B, T), bool))
+    error = rel_rms(np.asarray(y)[keep], expected[keep])
+    assert error <= TOL, f"relative RMS error {error:.2e}"
+
+
+def test_windows_of_at_least_T_equal_full_attention():
+    x = normal(2, (B, T, D))
+    full = run(make_layer(), x, SEGMENT_IDS, VALID)
+    for window in (T, T + 5):
+        assert rel_rms(run(make_layer(window=window), x, SEGMENT_IDS, VALID), full) <= 1e-6
+
+
+def test_window_one_reads_its_own_value():
+    """window=1: every token attends to itself only, so y_t = out_proj(v_proj(x_t))."""
+    layer, x = make_layer(window=1), normal(3, (B, T, D))
+    assert rel_rms(run(layer, x, None, None), layer.out_proj(layer.v_proj(x))) <= 1e-6
+
+
+def test_segments_are_runs_of_equal_ids():
+    """An id that comes back after another one starts a new segment (as in GDN and HAM)."""
+    layer, x = make_layer(), normal(4, (B, T, D))
+    repeated = np.array([[0] * 3 + [1] * 4 + [0] * 4, [7] * 5 + [3] * 2 + [7] * 4], np.int32)
+    distinct = np.array([[0] * 3 + [1] * 4 + [2] * 4, [7] * 5 + [3] * 2 + [8] * 4], np.int32)
+    np.testing.assert_array_equal(run(layer, x, repeated, None), run(layer, x, distinct, None))
+
+
+def test_parameters():
+    layer = make_layer()
+    shapes = {".".join(map(str, path)): v.shape for path, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
+    expected = {f"{name}.kernel": (D, H * K) for name in PROJECTIONS[:3]}
+    assert shapes == {**expected, "out_proj.kernel": (H * K, D)}
+
+
+def test_gradients_match_finite_differences_of_the_oracle():
+    """Every parameter's gradient is finite, nonzero, and its derivative along a random direction
+    equals the float64 oracle's central difference."""
+    config = dict(window=3)
+    layer, x = make_layer(**config), normal(5, (B, T, D))
+    co = normal(6, (B, T, D)) * VALID[..., None]  # outputs at padding are ignored
+
+    @nnx.jit
+    def grad(layer, x, co):
+        return nnx.grad(lambda m: jnp.sum(m(x, segment_ids=SEGMENT_IDS, valid=VALID) * co))(layer)
+
+    grads = grad(layer, x, co)
+    params = kernels(layer)
+    oracle_loss = lambda p: np.sum(  # noqa: E731
+        attention_oracle(p, x, segment_ids=SEGMENT_IDS, valid=VALID, **config) * np.asarray(co, np.float64)
+    )
+    rng, eps = np.random.default_rng(7), 1e-5
+    for name in PROJECTIONS:
+        g = np.asarray(getattr(grads, name).kernel[...], np.float64)
+        assert np.isfinite(g).all() and np.any(g), name
+        u = rng.standard_normal(g.shape)
+        shifted = lambda s: oracle_loss({**params, name: params[name] + s * u})  # noqa: E731
+        numeric = (shifted(eps) - shifted(-eps)) / (2 * eps)
+        np.testing.assert_allclose(np.sum(g * u), numeric, rtol=1e-5, err_msg=name)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(head_dim=5), "head_dim"),
+        (dict(window=0), "window"),
+        (dict(window=-2), "window"),
+        (dict(window=2.0), "window"),
+        (dict(heads=0), "heads"),
+        (dict(rope_theta=0.0), "rope_theta"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, match):
+    args = {"d_model": D, "heads": H, "head_dim": K, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        Attention(**args, rngs=nnx.Rngs(0))
+
+
+def test_odd_head_dim_without_rope_is_fine():
+    layer = Attention(D, H, 5, rope_theta=None, rngs=nnx.Rngs(0))
+    assert run(layer, jnp.zeros((1, 3, D)), None, None).shape == (1, 3, D)
+
+
+@pytest.mark.parametrize(
+    "x_shape, kwargs, match",
+    [
+        ((T, D), {}, r"x must have rank 3 \[B, T, D\], got shape \(11, 16\)"),
+        ((B, T, D + 1), {}, r"x must have shape.*\(2, 11, 17\)"),
+        ((B, T, D), dict(segment_ids=SEGMENT_IDS[:, :-1]), r"segment_ids must have shape.*\(2, 10\)"),
+        ((B, T, D), dict(segment_ids=SEGMENT_IDS.astype(np.float32)), "segment_ids must have an integer"),
+        ((B, T, D), dict(valid=VALID[:1]), r"valid must have shape.*\(1, 11\)"),
+    ],
+    ids=["x_rank", "x_width", "segment_ids_shape", "segment_ids_dtype", "valid_shape"],
+)
+def test_bad_inputs_raise(x_shape, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_layer()(jnp.zeros(x_shape), **kwargs)
+
+
+def test_attend_rejects_bad_window():
+    q = jnp.zeros((1, 2, 1, 4))
+    kv = jnp.zeros((1, 1, 2, 4))
+    with pytest.raises(ValueError, match="window"):
+        ops.attend(q, jnp.zeros((1, 2), jnp.int32), kv, kv, jnp.zeros((1, 1, 2), jnp.int32),
+                   jnp.ones((1, 1, 2), bool), logit_scale=jnp.ones(1), window=0)

@@ -1,0 +1,670 @@
+"""hamjax.train and `hamjax train | eval`: the loss falls, resuming is bit-for-bit, gradient
+accumulation, checkpoints, the threshold controller, the run folder, and faults (non-finite loss,
+Ctrl-C, a kill during a save, bad command lines, a run folder of another config).
+
+Most tests share one reference run (`ref_run`: the tiny preset, 30 steps at a constant learning
+rate, tau controlled toward a 25% KV fraction). In one process, runs of the same config share the
+compiled train step; a new process compiles it again (about 20 s here), so subprocesses are used
+only where a real process is needed (Ctrl-C, SIGKILL, the console script). The two training subprocesses start before the reference run,
+so that their compilations overlap it (`background_runs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from hamjax.cli.flags import config_from_flags
+from hamjax.cli.main import build_parser, main
+from hamjax.data import batch_at, target_mask
+from hamjax.nn.model import LanguageModel
+from hamjax.train import (
+    Checkpoints,
+    NonFiniteLoss,
+    TrainConfig,
+    make_optimizer,
+    preset,
+    train,
+    train_step,
+)
+from hamjax.train import loop
+from hamjax.train import step as step_module
+from hamjax.train.config import config_from_dict
+from hamjax.train.loop import build, load_corpus
+from hamjax.train.run_folder import prepare_run_folder, read_metrics
+from oracles import rel_rms
+
+HAMJAX = str(pathlib.Path(sys.executable).with_name("hamjax"))
+STEPS = 30
+KV_TARGET = 0.25
+# The reference run: constant learning rate after 2 warmup steps, a fast threshold controller, and a
+# validation split of 2 chapters (the full validation at the end of a run takes a second, not ten).
+REF_FLAGS = [
+    "--preset", "tiny", "--steps", str(STEPS), "--warmup_steps", "2", "--min_lr_ratio", "1.0",
+    "--kv_target", str(KV_TARGET), "--tau_lr", "1.0", "--validation_fraction", "0.002",
+]
+COMPARED = ("loss", "grad_norm", "kv_fraction", "tau")  # the train records' deterministic fields
+
+
+def run_config(run_dir, *flags):
+    """The RunConfig `hamjax train REF_FLAGS --run_dir run_dir flags` would use."""
+    args = build_parser().parse_args(["train", *REF_FLAGS, "--run_dir", str(run_dir), *flags])
+    return config_from_flags(args)
+
+
+def records(run_dir, kind="train"):
+    return [r for r in read_metrics(pathlib.Path(run_dir) / "metrics.jsonl") if r["kind"] == kind]
+
+
+def checkpoint_state(run_dir, step=None):
+    """(record, model state, optimizer state) of a run's checkpoint, restored into a fresh model."""
+    config = run_config(run_dir)
+    model, optimizer = build(config)
+    checkpoints = Checkpoints(pathlib.Path(run_dir) / "checkpoints", async_save=False)
+    try:
+        record = checkpoints.restore(model, optimizer, step)
+    finally:
+        checkpoints.close()
+    return record, nnx.to_pure_dict(nnx.state(model)), nnx.to_pure_dict(nnx.state(optimizer))
+
+
+def assert_trees_equal(actual, expected, what=""):
+    """Same structure; every leaf bit-for-bit equal."""
+    flat_actual, tree_actual = jax.tree_util.tree_flatten_with_path(actual)
+    flat_expected, tree_expected = jax.tree_util.tree_flatten_with_path(expected)
+    assert tree_actual == tree_expected, f"{what}: structures differ"
+    assert flat_actual, f"{what}: empty"
+    for (path, a), (_, e) in zip(flat_actual, flat_expected):
+        a, e = np.asarray(a), np.asarray(e)
+        assert a.dtype == e.dtype and a.shape == e.shape, (what, jax.tree_util.keystr(path))
+        assert np.array_equal(a, e), f"{what}{jax.tree_util.keystr(path)} differs"
+
+
+
+def assert_same_train_records(actual, expected):
+    assert [r["step"] for r in actual] == list(range(1, STEPS + 1))
+    for a, e in zip(actual, expected):
+        for key in COMPARED:
+            assert a[key] == e[key], f"step {a['step']}: {key} {a[key]} != {e[key]}"
+
+
+def all_finite(tree) -> bool:
+    return all(np.all(np.isfinite(np.asarray(leaf))) for leaf in jax.tree.leaves(tree)
+               if np.issubdtype(np.asarray(leaf).dtype, np.floating))
+
+
+class StopAfter:
+    """Stands in for loop._StopRequest: the "Ctrl-C" arrives during train step `n` of this process
+    (counted by the wrapped train_step installed by `stop_after`)."""
+
+    instances: list = []
+
+    def __init__(self):
+        self.requested = False
+        StopAfter.instances.append(self)
+
+    def close(self):
+        pass
+
+
+def stop_after(monkeypatch, n: int) -> None:
+    calls = []
+    real_step = loop.train_step
+
+    def counting_step(*args):
+        metrics = real_step(*args)
+        calls.append(1)
+        if len(calls) == n:
+            StopAfter.instances[-1].requested = True
+        return metrics
+
+    monkeypatch.setattr(loop, "_StopRequest", StopAfter)
+    monkeypatch.setattr(loop, "train_step", counting_step)
+
+
+@pytest.fixture(scope="module")
+def ref_run(tmp_path_factory, request):
+    if any("background_runs" in item.fixturenames for item in request.session.items):
+        request.getfixturevalue("background_runs")  # start the subprocesses first: they compile meanwhile
+    run_dir = tmp_path_factory.mktemp("ref") / "run"
+    summary = train(run_config(run_dir), progress=False)
+    return run_dir, summary
+
+
+# --- training works --------------------------------------------------------------------------------
+
+
+def test_reference_run_finishes(ref_run):
+    run_dir, summary = ref_run
+    assert summary.status == "finished" and summary.step == STEPS
+    assert np.isfinite(summary.validation.loss) and np.isfinite(summary.validation.bpb)
+    assert len(summary.validation.kv_fraction) == 2
+    assert summary.tokens_per_s > 0 and 0 < summary.mfu < 1
+
+
+def test_loss_falls(ref_run):
+    losses = [r["loss"] for r in records(ref_run[0])]
+    assert len(losses) == STEPS and all(np.isfinite(losses))
+    assert losses[0] > 5.0  # about log(256): an untrained byte model
+    assert np.mean(losses[-5:]) < losses[0] - 0.5, losses
+
+
+def test_threshold_controller_moves_tau_toward_target(ref_run):
+    train_records = records(ref_run[0])
+    tau_init = preset("tiny").model.tau_init
+    first_kv = np.array(train_records[0]["kv_fraction"])
+    last_kv = np.mean([r["kv_fraction"] for r in train_records[-5:]], axis=0)
+    taus = np.array([r["tau"] for r in train_records])
+    # The first update: log tau moved by tau_lr * (measured - target), exactly.
+    np.testing.assert_allclose(np.log(taus[0]), np.log(tau_init) + 1.0 * (first_kv - KV_TARGET), rtol=1e-5)
+    for layer in range(len(first_kv)):
+        assert abs(last_kv[layer] - KV_TARGET) < abs(first_kv[layer] - KV_TARGET), (layer, first_kv, last_kv)
+        # tau moved in the direction that brings the fraction to the target
+        assert np.sign(taus[-1, layer] - tau_init) == np.sign(first_kv[layer] - KV_TARGET), (layer, taus[:, layer])
+
+
+def test_run_folder_contents(ref_run):
+    run_dir, _ = ref_run
+    saved = json.loads((run_dir / "config.json").read_text())
+    assert config_from_dict(saved) == run_config(run_dir)
+    train_records, eval_records = records(run_dir), records(run_dir, "eval")
+    assert [r["step"] for r in train_records] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in eval_records] == [10, 20, 30]
+    for r in train_records:
+        assert {"loss", "bpb", "grad_norm", "kv_fraction", "tau", "tokens_per_s", "mfu"} <= set(r)
+    for r in eval_records:
+        assert {"loss", "bpb", "kv_fraction"} <= set(r) and len(r["kv_fraction"]) == 2
+    steps = sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps == [10, 20, 30]  # keep_checkpoints 3
+    png = (run_dir / "plot.png").read_bytes()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+    import matplotlib.image
+
+    image = matplotlib.image.imread(run_dir / "plot.png")
+    assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
+
+
+def test_eval_command_matches_final_validation(ref_run, capsys):
+    run_dir, summary = ref_run
+    assert main(["eval", "--run_dir", str(run_dir)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 1, lines
+    result = json.loads(lines[0])
+    assert {"step", "loss", "bpb", "kv_fraction"} <= set(result)
+    assert result["step"] == STEPS
+    assert result["bpb"] == pytest.approx(summary.validation.bpb, rel=1e-9, abs=0)
+    assert result["loss"] == pytest.approx(summary.validation.loss, rel=1e-9, abs=0)
+    np.testing.assert_allclose(result["kv_fraction"], summary.validation.kv_fraction, rtol=1e-9)
+
+
+def test_rerunning_a_finished_run_trains_nothing(ref_run):
+    run_dir, summary = ref_run
+    before = (run_dir / "metrics.jsonl").read_text()
+    again = train(run_config(run_dir, "--eval_every", "5"), progress=False)  # bookkeeping may change
+    assert again.status == "finished" and again.step == STEPS
+    assert (run_dir / "metrics.jsonl").read_text() == before
+    assert again.validation.bpb == pytest.approx(summary.validation.bpb, rel=1e-9)
+
+
+# --- resuming --------------------------------------------------------------------------------------
+
+
+def test_resume_is_bit_for_bit(ref_run, tmp_path, monkeypatch):
+    """30 steps in one go == 15 steps, a stop request, then the same command again."""
+    config = run_config(tmp_path / "run")
+    stop_after(monkeypatch, STEPS // 2)
+    first = train(config, progress=False)
+    monkeypatch.undo()
+    assert first.status == "interrupted" and first.step == STEPS // 2 and first.validation is None
+    assert [r["step"] for r in records(config.run_dir)] == list(range(1, STEPS // 2 + 1))
+    second = train(config, progress=False)
+    assert second.status == "finished" and second.step == STEPS
+
+    ref_dir, ref_summary = ref_run
+    record, model, optimizer = checkpoint_state(config.run_dir)
+    ref_record, ref_model, ref_optimizer = checkpoint_state(ref_dir)
+    assert record == ref_record
+    assert_trees_equal(model, ref_model, "model")
+    assert_trees_equal(optimizer, ref_optimizer, "optimizer")
+    assert_same_train_records(records(config.run_dir), records(ref_dir))
+    evals, ref_evals = records(config.run_dir, "eval"), records(ref_dir, "eval")
+    assert [(r["step"], r["loss"], r["kv_fraction"]) for r in evals] == [
+        (r["step"], r["loss"], r["kv_fraction"]) for r in ref_evals
+    ]
+    assert second.validation == ref_summary.validation
+
+
+def test_resuming_with_another_config_fails_in_one_line(ref_run, capsys):
+    run_dir, _ = ref_run
+    before = (run_dir / "config.json").read_text()
+    assert main(["train", *REF_FLAGS, "--run_dir", str(run_dir), "--d_model", "64", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert "d_model" in lines[0] and "Traceback" not in err
+    assert "steps" not in lines[0]  # only the field that differs
+    assert (run_dir / "config.json").read_text() == before
+
+
+# --- gradient accumulation -------------------------------------------------------------------------
+
+
+def test_gradient_accumulation_matches_one_big_batch():
+    """grad_accum 2 x batch 2 == grad_accum 1 x batch 4 on the same rows, for the first step (one HAM
+    layer; rows of unequal scored-target counts, so a mean of per-micro-batch means would differ)."""
+    tiny = preset("tiny")
+    model_config = dataclasses.replace(tiny.model, n_layers=1, pattern="ham")
+    train_config = TrainConfig(warmup_steps=0, learning_rate=1e-3)
+    corpus = load_corpus(tiny)
+    batch = batch_at(corpus.train, 0, 4, 0)
+    rows = jnp.asarray(batch.tokens[:, :33])
+    segment_ids = np.zeros((4, 33), np.int32)
+    segment_ids[0, 10:] = 1  # a document boundary in micro-batch 0 only
+    segment_ids[1, 20:] = 1
+    segment_ids = jnp.asarray(segment_ids)
+
+    model = LanguageModel(model_config, rngs=nnx.Rngs(0))
+    optimizer = make_optimizer(model, train_config)
+    split_model, split_optimizer = nnx.clone((model, optimizer))
+    initial = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+    # The loss by hand: mean next-token cross-entropy over targets within one document.
+    logits, _ = nnx.jit(lambda m, r, s: m(r, segment_ids=s))(model, rows[:, :-1], segment_ids[:, :-1])
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:])
+    mask = target_mask(segment_ids)
+    expected_loss = float(jnp.sum(jnp.where(mask, losses, 0.0)) / jnp.sum(mask))
+
+    whole = train_step(model, optimizer, rows[None], segment_ids[None])
+    split = train_step(split_model, split_optimizer, rows.reshape(2, 2, -1), segment_ids.reshape(2, 2, -1))
+    assert int(whole.tokens) == int(split.tokens) == 4 * 32 - 2
+    assert float(whole.loss) == pytest.approx(expected_loss, rel=1e-5)
+    assert float(split.loss) == pytest.approx(float(whole.loss), rel=1e-5)
+    assert float(split.grad_norm) == pytest.approx(float(whole.grad_norm), rel=1e-5)
+    np.testing.assert_allclose(split.kv_fraction, whole.kv_fraction, rtol=1e-6)
+    np.testing.assert_allclose(split.tau, whole.tau, rtol=1e-6)
+
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    split_params = nnx.to_pure_dict(nnx.state(split_model, nnx.Param))
+    moved = 0
+    flat = jax.tree_util.tree_flatten_with_path(params)[0]
+    for (path, p), s, p0 in zip(flat, jax.tree.leaves(split_params), jax.tree.leaves(initial)):
+        name = jax.tree_util.keystr(path)
+        assert rel_rms(s, p) <= 1e-5, name
+        moved += not np.array_equal(p, p0)
+    assert moved == len(flat)  # every parameter took the step
+    assert int(optimizer.step[...]) == int(split_optimizer.step[...]) == 1
+
+
+def test_same_config_reuses_the_compiled_train_step():
+    """train_step is compiled by nnx.jit per graph definition of its (model, optimizer) arguments.
+    Two builds of one config must have equal definitions, or every train() call in a process (each
+    resume, each run of a sweep or notebook) compiles the step again (~20 s for the tiny preset here)."""
+    config = preset("tiny")
+    (model, optimizer), (model_again, optimizer_again) = build(config), build(config)
+    assert nnx.graphdef(model) == nnx.graphdef(model_again)
+    assert nnx.graphdef(optimizer) == nnx.graphdef(optimizer_again), (
+        "make_optimizer builds a new optax transformation (new function objects) for each call"
+    )
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+
+def perturbed_model_and_optimizer(config, seed):
+    """A model and optimizer whose every state leaf differs from a fresh build: random parameters
+    and optimizer moments, moved thresholds, step counters."""
+    model, optimizer = build(config)
+    rng = np.random.default_rng(seed)
+
+    def perturb(x):
+        x = np.asarray(x)
+        if np.issubdtype(x.dtype, np.floating):
+            return jnp.asarray(rng.standard_normal(x.shape).astype(x.dtype))
+        return jnp.asarray(x + 7 + rng.integers(0, 5, x.shape).astype(x.dtype))
+
+    nnx.update(model, jax.tree.map(perturb, nnx.state(model)))
+    nnx.update(optimizer, jax.tree.map(perturb, nnx.state(optimizer)))
+    return model, optimizer
+
+
+def test_checkpoint_round_trip(tmp_path):
+    config = preset("tiny")
+    model, optimizer = perturbed_model_and_optimizer(config, 0)
+    taus = [float(layer.tau) for layer in model.ham_layers]
+    threshold_steps = [int(layer.threshold.get_value().step) for layer in model.ham_layers]
+    assert taus[0] != preset("tiny").model.tau_init and threshold_steps[0] > 0
+    record = {"step": 5, "data_position": 20, "seed": 0, "note": "anything JSON"}
+    saver = Checkpoints(tmp_path / "checkpoints", async_save=True)
+    saver.save(5, model, optimizer, record)
+    saver.wait()
+    saver.close()
+
+    fresh_model, fresh_optimizer = build(config)
+    fresh = nnx.to_pure_dict(nnx.state(fresh_model))
+    loader = Checkpoints(tmp_path / "checkpoints")
+    assert loader.latest_step() == 5
+    assert loader.restore(fresh_model, fresh_optimizer) == record
+    loader.close()
+    assert_trees_equal(nnx.to_pure_dict(nnx.state(fresh_model)), nnx.to_pure_dict(nnx.state(model)), "model")
+    assert_trees_equal(
+        nnx.to_pure_dict(nnx.state(fresh_optimizer)), nnx.to_pure_dict(nnx.state(optimizer)), "optimizer"
+    )
+    assert [float(layer.tau) for layer in fresh_model.ham_layers] == taus
+    assert [int(layer.threshold.get_value().step) for layer in fresh_model.ham_layers] == threshold_steps
+    assert int(fresh_optimizer.step[...]) == int(optimizer.step[...])
+    with pytest.raises(AssertionError):  # the perturbation was not a no-op
+        assert_trees_equal(fresh, nnx.to_pure_dict(nnx.state(model)), "fresh")
+
+
+def test_restore_without_checkpoint_raises(tmp_path):
+    model, optimizer = build(preset("tiny"))
+    checkpoints = Checkpoints(tmp_path / "empty")
+    try:
+        assert checkpoints.latest_step() is None
+        with pytest.raises(FileNotFoundError):
+            checkpoints.restore(model, optimizer)
+    finally:
+        checkpoints.close()
+
+
+def fake_incomplete_checkpoint(directory: pathlib.Path, step: int, suffix: str = "") -> pathlib.Path:
+    """A step folder as orbax names it while a save is in progress, holding garbage: orbax-checkpoint
+    0.12.8 writes "<step>.orbax-checkpoint-tmp" and renames it "<step>" once complete (earlier
+    versions appended "-<timestamp>": pass it as `suffix`)."""
+    folder = directory / f"{step}.orbax-checkpoint-tmp{suffix}"
+    (folder / "state").mkdir(parents=True)
+    (folder / "state" / "_METADATA").write_bytes(b"\x00garbage{")
+    (folder / "_CHECKPOINT_METADATA").write_text("{not json")
+    return folder
+
+
+def test_incomplete_checkpoint_folders_are_ignored(tmp_path):
+    config = preset("tiny")
+    model, optimizer = perturbed_model_and_optimizer(config, 1)
+    directory = tmp_path / "checkpoints"
+    checkpoints = Checkpoints(directory, async_save=False)
+    checkpoints.save(3, model, optimizer, {"step": 3})
+    checkpoints.close()
+    fake_incomplete_checkpoint(directory, 4)
+    fake_incomplete_checkpoint(directory, 5, "-1700000000123456")
+
+    checkpoints = Checkpoints(directory, async_save=False)
+    try:
+        assert checkpoints.latest_step() == 3
+        assert checkpoints.manager.all_steps() == [3]
+        fresh_model, fresh_optimizer = build(config)
+        assert checkpoints.restore(fresh_model, fresh_optimizer) == {"step": 3}
+        assert_trees_equal(nnx.to_pure_dict(nnx.state(fresh_model)), nnx.to_pure_dict(nnx.state(model)), "model")
+        for step in (4, 5):  # the leftovers do not block new saves of their steps
+            checkpoints.save(step, model, optimizer, {"step": step})
+        assert checkpoints.manager.all_steps() == [3, 4, 5]
+        fresh_model, fresh_optimizer = build(config)
+        assert checkpoints.restore(fresh_model, fresh_optimizer) == {"step": 5}
+    finally:
+        checkpoints.close()
+
+
+# --- faults ----------------------------------------------------------------------------------------
+
+
+def test_non_finite_loss_stops_with_last_good_checkpoint(tmp_path, capsys):
+    """A learning rate of 1e6 without clipping: step 1 is finite, step 2 is NaN."""
+    run_dir = tmp_path / "run"
+    flags = ["--learning_rate", "1e6", "--clip_norm", "1e9", "--warmup_steps", "0", "--save_every", "1"]
+    assert main(["train", *REF_FLAGS, "--run_dir", str(run_dir), *flags, "--quiet"]) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    good = [r["step"] for r in records(run_dir)]
+    assert good and all(np.isfinite(r["loss"]) for r in records(run_dir))
+    bad_step, last_good = good[-1] + 1, good[-1]
+    assert f"step {bad_step}" in lines[0] and f"step {last_good} " in lines[0], lines[0]
+    assert str(run_dir / "checkpoints") in lines[0]
+    record, model, optimizer = checkpoint_state(run_dir)
+    assert record["step"] == last_good
+    assert all_finite(model) and all_finite(optimizer)
+
+
+def test_non_finite_gradient_is_not_called_a_good_checkpoint(tmp_path, monkeypatch):
+    """A loss that is finite while its gradient is NaN (0 * sqrt at 0, a classic): the update of
+    step 1 makes every parameter NaN, and step 2's loss is NaN. The checkpoint that NonFiniteLoss
+    names as the last good one must restore with finite parameters."""
+    real_loss_sum = step_module._loss_sum
+
+    def loss_sum_with_nan_gradient(model, rows, segment_ids):
+        loss, stats = real_loss_sum(model, rows, segment_ids)
+        scale = model.final_norm.scale[...]  # ones at initialisation: sqrt(|scale - 1|) = 0, d/dx = inf
+        return loss + 0.0 * jnp.sum(jnp.sqrt(jnp.abs(scale - 1.0))), stats
+
+    monkeypatch.setattr(step_module, "_loss_sum", loss_sum_with_nan_gradient)
+    config = run_config(tmp_path / "run", "--save_every", "1")
+    with pytest.raises(NonFiniteLoss) as error:
+        train(config, progress=False)
+    monkeypatch.undo()
+    message = str(error.value)
+    stopped = [r["step"] for r in records(config.run_dir)]
+    assert stopped in ([], [1]), stopped  # step 2's loss is NaN; a check of the gradient stops at step 1
+    assert all(np.isfinite(r["loss"]) for r in records(config.run_dir))
+    named = re.search(r"last good checkpoint is step (\d+)", message)
+    if named is None:
+        assert "before any checkpoint" in message, message
+    else:
+        _, model, _ = checkpoint_state(config.run_dir, int(named.group(1)))
+        assert all_finite(model), (
+            f"NonFiniteLoss calls checkpoint {named.group(1)} the last good one, but its parameters are NaN: {message}"
+        )
+
+
+def wait_for(condition, timeout, what, proc=None):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"the process ended (status {proc.returncode}) before {what}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.005)
+
+
+class BackgroundRun:
+    """`hamjax train ARGV` in a subprocess whose watcher thread waits for `ready()`, then calls
+    `act(proc)` (a signal) and waits up to 90 s for the process to end. Started before the reference
+    run, so that its XLA compilation overlaps the in-process tests (this machine has 2 cores)."""
+
+    def __init__(self, folder: pathlib.Path, argv: list[str], ready, act, what: str):
+        self.stdout, self.stderr = folder / "stdout", folder / "stderr"
+        with self.stdout.open("w") as out, self.stderr.open("w") as err:
+            self.proc = subprocess.Popen([HAMJAX, *argv], stdout=out, stderr=err)
+        self.ready, self.act, self.what = ready, act, what
+        self.error = self.seconds_to_exit = None
+        self.thread = threading.Thread(target=self._watch, daemon=True)
+        self.thread.start()
+
+    def _watch(self):
+        try:
+            wait_for(self.ready, 400, self.what, self.proc)
+            acted = time.monotonic()
+            self.act(self.proc)
+            self.proc.wait(timeout=90)
+            self.seconds_to_exit = time.monotonic() - acted
+        except Exception as error:  # reported by result()
+            self.error = error
+        finally:
+            self.stop()
+
+    def stop(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+
+    def result(self) -> tuple[int, str, str]:
+        """(exit status, stdout, stderr) once the process has ended."""
+        self.thread.join(timeout=500)
+        stdout, stderr = self.stdout.read_text(), self.stderr.read_text()
+        if self.error is not None:
+            raise AssertionError(f"{self.error}\nstdout: {stdout}\nstderr: {stderr}")
+        return self.proc.returncode, stdout, stderr
+
+
+CTRL_C_ARGV = ["train", "--preset", "tiny", "--steps", "200", "--save_every", "1000", "--quiet"]
+KILL_FLAGS = ["--save_every", "1", "--keep_checkpoints", "3", "--async_checkpoints"]
+
+
+def checkpoint_listing(run_dir) -> tuple[list[int], list[str]]:
+    """(complete steps, unfinished save folders) in run_dir/checkpoints."""
+    try:
+        names = os.listdir(pathlib.Path(run_dir) / "checkpoints")
+    except FileNotFoundError:
+        return [], []
+    return sorted(int(n) for n in names if n.isdigit()), [n for n in names if "orbax-checkpoint-tmp" in n]
+
+
+@pytest.fixture(scope="module")
+def background_runs(tmp_path_factory):
+    """The two subprocess runs of the fault tests: Ctrl-C after 2 train records, and SIGKILL while
+    asynchronous saves (one per step) are in flight."""
+    ctrl_c_dir = tmp_path_factory.mktemp("ctrl_c")
+    kill_dir = tmp_path_factory.mktemp("kill")
+    at_kill = {}
+
+    def saving():
+        complete, unfinished = checkpoint_listing(kill_dir / "run")
+        if (unfinished and max(complete, default=0) >= 3) or max(complete, default=0) >= 6:
+            at_kill.update(complete=complete, unfinished=unfinished)
+            return True
+        return False
+
+    runs = {
+        "ctrl_c": BackgroundRun(
+            ctrl_c_dir, [*CTRL_C_ARGV, "--run_dir", str(ctrl_c_dir / "run")],
+            lambda: len(records(ctrl_c_dir / "run")) >= 2, lambda proc: proc.send_signal(signal.SIGINT),
+            "2 train records",
+        ),
+        "kill": BackgroundRun(
+            kill_dir, ["train", *REF_FLAGS, "--run_dir", str(kill_dir / "run"), *KILL_FLAGS, "--quiet"],
+            saving, lambda proc: proc.send_signal(signal.SIGKILL), "checkpoint 3 and a save in flight",
+        ),
+    }
+    runs["kill"].at_kill = at_kill
+    yield runs
+    for run in runs.values():
+        run.stop()
+
+
+def test_ctrl_c_saves_and_the_same_command_resumes(background_runs, monkeypatch, capsys):
+    run = background_runs["ctrl_c"]
+    code, stdout, stderr = run.result()
+    run_dir = run.stdout.parent / "run"
+    assert code == 130, (code, stdout, stderr)
+    assert run.seconds_to_exit < 60
+    assert "Traceback" not in stderr, stderr
+    stopped = records(run_dir)[-1]["step"]
+    assert 2 <= stopped < 200
+    assert f"interrupted at step {stopped}" in stdout, stdout
+    assert checkpoint_listing(run_dir) == ([stopped], [])
+
+    # The same command again resumes from that step: let it take one step, then Ctrl-C once more.
+    real_step = loop.train_step
+
+    def step_then_ctrl_c(*args):
+        metrics = real_step(*args)
+        signal.raise_signal(signal.SIGINT)
+        return metrics
+
+    monkeypatch.setattr(loop, "train_step", step_then_ctrl_c)
+    handler = signal.getsignal(signal.SIGINT)
+    assert main([*CTRL_C_ARGV, "--run_dir", str(run_dir)]) == 130
+    assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
+    output = capsys.readouterr()
+    assert f"interrupted at step {stopped + 1}" in output.out, output
+    assert "Traceback" not in output.err
+    assert [r["step"] for r in records(run_dir)] == list(range(1, stopped + 2))
+    assert checkpoint_listing(run_dir)[0] == [stopped, stopped + 1]
+
+
+def test_killed_during_saves_resumes_from_last_complete_checkpoint(background_runs, ref_run):
+    """SIGKILL while asynchronous saves are in flight, then the same run again: it resumes from the
+    last complete checkpoint and ends exactly where the uninterrupted reference run ends."""
+    run = background_runs["kill"]
+    code, stdout, stderr = run.result()
+    run_dir = run.stdout.parent / "run"
+    assert code == -signal.SIGKILL, (code, stdout, stderr)
+    complete, unfinished = checkpoint_listing(run_dir)
+    print("at the kill:", run.at_kill, "after:", complete, unfinished)
+    assert 3 <= complete[-1] < STEPS
+    # One more leftover, at a step the resumed run saves later: it must neither be resumed from nor block that save.
+    fake_incomplete_checkpoint(run_dir / "checkpoints", complete[-1] + 5)
+
+    summary = train(run_config(run_dir, *KILL_FLAGS), progress=False)
+    assert summary.status == "finished" and summary.step == STEPS
+    ref_dir, ref_summary = ref_run
+    _, model, optimizer = checkpoint_state(run_dir)
+    _, ref_model, ref_optimizer = checkpoint_state(ref_dir)
+    assert_trees_equal(model, ref_model, "model")
+    assert_trees_equal(optimizer, ref_optimizer, "optimizer")
+    assert_same_train_records(records(run_dir), records(ref_dir))
+    assert summary.validation == ref_summary.validation
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "flags, named",
+    [
+        (["--source", "/nonexistent/file.txt"], "/nonexistent/file.txt"),
+        (["--preset", "huge"], "huge"),
+        (["--d_model", "0"], "d_model"),
+        (["--kv_target", "2"], "kv_target"),
+        (["--no_such_flag", "1"], "no_such_flag"),
+        (["--steps", "abc"], "abc"),
+        (["--validation_fraction", "0.9"], "validation_fraction"),
+        (["--router", "x"], "router"),
+    ],
+    ids=["missing-source", "unknown-preset", "d_model", "kv_target", "unknown-flag", "non-numeric", "fraction", "router"],
+)
+def test_bad_command_line_exits_2_with_one_line(flags, named, tmp_path, capsys):
+    argv = ["train", "--preset", "tiny", "--run_dir", str(tmp_path / "run"), "--quiet", *flags]
+    try:
+        code = main(argv)
+    except SystemExit as exit_:
+        code = exit_.code
+    captured = capsys.readouterr()
+    assert code == 2, captured
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1, captured.err
+    assert named in lines[0], lines[0]
+    assert "Traceback" not in captured.err and captured.out == ""
+
+
+def test_failed_start_does_not_pin_the_run_folder(tmp_path, capsys):
+    """A typo in --source fails before any training; the corrected command must not then be refused
+    as "another config" by the config.json the failed start left behind."""
+    run_dir = tmp_path / "run"
+    assert main(["train", *REF_FLAGS, "--run_dir", str(run_dir), "--source", "/nonexistent/file.txt"]) == 2
+    capsys.readouterr()
+    prepare_run_folder(run_config(run_dir))  # what `train` does first with the corrected command
+
+
+def test_console_script_bad_flag(tmp_path):
+    for argv in (["train", "--preset", "huge"], ["eval", "--run_dir", str(tmp_path / "nothing")]):
+        result = subprocess.run([HAMJAX, *argv], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2, result
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1, result.stderr
+        assert ("huge" if argv[0] == "train" else "nothing") in lines[0]
+        assert "Traceback" not in result.stderr
