@@ -37,7 +37,7 @@ class TrainConfig:
     Evaluates every eval_every steps on eval_batches validation batches (0: all), saves a checkpoint
     every save_every steps and keeps the last keep_checkpoints."""
 
-    steps: int = 500
+    steps: int = 400
     batch_size: int = 16
     grad_accum: int = 1
     learning_rate: float = 3e-3

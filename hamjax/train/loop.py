@@ -126,7 +126,7 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
     rows_per_step = tc.batch_size * tc.grad_accum
     flops_per_token = training_flops_per_token(config.model, config.data.seq_len)
     record = lambda step: {"step": step, "data_position": step * rows_per_step, "seed": tc.seed}
-    speeds, mfus, status, step = [], [], "finished", start
+    speeds, mfus, status, step, validation = [], [], "finished", start, None
     stop = _StopRequest()
     bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
     try:
@@ -158,9 +158,9 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", kv=" ".join(f"{f:.2f}" for f in kv))
             if step % tc.eval_every == 0 or step == tc.steps:
-                result = evaluate(model, corpus.validation, corpus.bytes_per_token, tc.batch_size, tc.eval_batches)
-                log.write({"kind": "eval", "step": step, "loss": result.loss, "bpb": result.bpb,
-                           "kv_fraction": result.kv_fraction})
+                validation = evaluate(model, corpus.validation, corpus.bytes_per_token, tc.batch_size, tc.eval_batches)
+                log.write({"kind": "eval", "step": step, "loss": validation.loss, "bpb": validation.bpb,
+                           "kv_fraction": validation.kv_fraction})
             if step % tc.save_every == 0 or step == tc.steps or stop.requested:
                 checkpoints.save(step, model, optimizer, record(step))
             if stop.requested:
@@ -172,8 +172,9 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
         checkpoints.wait()
         checkpoints.close()
     plot_run(run, config.model.kv_target)
-    validation = None
-    if status == "finished":
+    if status == "interrupted":
+        validation = None
+    elif validation is None or tc.eval_batches:  # the final step's evaluation was partial or did not run here
         validation = evaluate(model, corpus.validation, corpus.bytes_per_token, tc.batch_size)
     median = lambda xs: statistics.median(xs) if xs else float("nan")
     summary = RunSummary(status, step, validation, median(speeds), median(mfus), time.perf_counter() - started)
