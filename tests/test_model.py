@@ -118,14 +118,14 @@ def test_model_equals_manual_composition(tie_embeddings):
     assert stats.kv_fraction.shape == (0,) and stats.kv_fraction_per_head.shape == (0, HEADS)
     block, table = model.blocks[0], model.embed.embedding[...]
     x = table[TOKENS]
-    x = x + block.mixer(block.mixer_norm(x), segment_ids=SEGMENT_IDS)
+    x = x + block.mixer(block.mixer_norm(x), segment_ids=SEGMENT_IDS)[0]
     h = block.mlp_norm(x)
     x = x + block.mlp.down_proj(jax.nn.silu(block.mlp.gate_proj(h)) * block.mlp.up_proj(h))
     features = model.final_norm(x)
     expected = features @ (table.T if tie_embeddings else model.head.kernel[...])
     assert rel_rms(logits, expected) <= 1e-6
-    block_out, block_stats = block(table[TOKENS], segment_ids=SEGMENT_IDS)
-    assert block_stats is None
+    block_out, block_cache, block_stats = block(table[TOKENS], segment_ids=SEGMENT_IDS)
+    assert block_cache is None and block_stats is None
     assert rel_rms(block_out, x) <= 1e-6
     if not tie_embeddings:  # the separate head is used, not the embedding
         assert rel_rms(logits, features @ table.T) > 0.1
@@ -146,12 +146,13 @@ def test_packed_documents_equal_separate_runs(pattern):
 
 @nnx.jit
 def forward_by_layer(model, tokens, segment_ids):
-    """The model spelt out block by block, returning each HAM layer's HAMStats as well."""
+    """The model spelt out block by block, returning the HAM layers' HAMStats as well."""
     x = model.embed(tokens)
     stats = []
     for block in model.blocks:
-        y, _, layer_stats = block.mixer(block.mixer_norm(x), segment_ids=segment_ids)
-        stats.append(layer_stats)
+        y, *rest = block.mixer(block.mixer_norm(x), segment_ids=segment_ids)
+        if block.kind == "ham":
+            stats.append(rest[1])
         x = x + y
         x = x + block.mlp(block.mlp_norm(x))
     return model.embed.attend(model.final_norm(x)), stats
@@ -337,3 +338,29 @@ def test_weight_decay_mask():
             assert not decays, jax.tree_util.keystr(path)
     assert not isinstance(model.ham_layers[0].threshold, nnx.Param)
     assert isinstance(model.ham_layers[0].threshold, Threshold)
+
+
+# --- decoding: prefill + steps == one pass -------------------------------------------------------
+
+
+@nnx.jit
+def extend(model, tokens, cache):
+    return model.extend(tokens, cache)
+
+
+@pytest.mark.parametrize("pattern", ["ham", "gdn", "attention", "swa", "gdn,swa", "ham,attention"])
+def test_prefill_then_steps_equal_the_full_forward(pattern):
+    """Logits of one pass over a row == a prefill of its first tokens, then one token at a time
+    (the recurrent forms, the attention caches wrapping their window), for every block kind."""
+    model = nnx.clone(model_for(pattern))
+    tokens = TOKENS[1:2]  # one document of T tokens, no segments
+    for i, layer in enumerate(model.ham_layers):  # tau away from every score: no rounding ties
+        set_tau(layer, tau_in_gap(forward_by_layer(model, tokens, None)[1][i].scores))
+    full, _ = forward(model, tokens, None)
+    split = 9
+    logits, cache, _ = extend(model, tokens[:, :split], model.init_cache(1, T))
+    steps = [logits]
+    for t in range(split, T):
+        logits, cache, _ = extend(model, tokens[:, t : t + 1], cache)
+        steps.append(logits)
+    assert rel_rms(np.concatenate(steps, axis=1), full) <= TOL

@@ -30,8 +30,10 @@ def make_layer(window=None, rope_theta=10000.0):
 
 @nnx.jit
 def run(layer, x, segment_ids, valid):
-    """Positional arguments only, so that equal calls share one compilation."""
-    return layer(x, segment_ids=segment_ids, valid=valid)
+    """Positional arguments only, so that equal calls share one compilation. Returns y."""
+    y, cache = layer(x, segment_ids=segment_ids, valid=valid)
+    assert cache is None
+    return y
 
 
 def kernels(layer):
@@ -127,7 +129,7 @@ def test_gradients_match_finite_differences_of_the_oracle():
 
     @nnx.jit
     def grad(layer, x, co):
-        return nnx.grad(lambda m: jnp.sum(m(x, segment_ids=SEGMENT_IDS, valid=VALID) * co))(layer)
+        return nnx.grad(lambda m: jnp.sum(m(x, segment_ids=SEGMENT_IDS, valid=VALID)[0] * co))(layer)
 
     grads = grad(layer, x, co)
     params = kernels(layer)
@@ -188,3 +190,51 @@ def test_attend_rejects_bad_window():
     with pytest.raises(ValueError, match="window"):
         ops.attend(q, jnp.zeros((1, 2), jnp.int32), kv, kv, jnp.zeros((1, 1, 2), jnp.int32),
                    jnp.ones((1, 1, 2), bool), logit_scale=jnp.ones(1), window=0)
+
+
+# --- the decode cache --------------------------------------------------------------------------
+
+
+@nnx.jit
+def run_cached(layer, x, cache, valid):
+    return layer(x, cache=cache, valid=valid)
+
+
+CACHE_LAYERS = {"full": {}, "window 3": dict(window=3), "window 1": dict(window=1)}
+
+
+@pytest.mark.parametrize("config", CACHE_LAYERS.values(), ids=list(CACHE_LAYERS))
+def test_prefix_then_suffix_and_token_steps_equal_one_pass(config):
+    """One pass over T tokens == a prefix into the cache, then the suffix; == T single-token calls
+    (the window's slots wrap around several times), with padding in both."""
+    layer, x = make_layer(**config), normal(8, (B, T, D))
+    valid = np.ones((B, T), bool)
+    valid[0, [1, 6]] = False
+    full = np.where(valid[..., None], run(layer, x, None, valid), 0)
+    split = 5
+    cache = layer.init_cache(B, max_len=T)
+    y1, cache = run_cached(layer, x[:, :split], cache, valid[:, :split])
+    y2, cache = run_cached(layer, x[:, split:], cache, valid[:, split:])
+    np.testing.assert_array_equal(cache.position, [T, T])
+    both = np.where(valid[..., None], np.concatenate([y1, y2], axis=1), 0)
+    assert rel_rms(both, full) <= TOL
+    cache, steps = layer.init_cache(B, max_len=T), []
+    for t in range(T):
+        y, cache = run_cached(layer, x[:, t : t + 1], cache, valid[:, t : t + 1])
+        steps.append(y)
+    stepped = np.where(valid[..., None], np.concatenate(steps, axis=1), 0)
+    assert rel_rms(stepped, full) <= TOL
+
+
+def test_window_cache_holds_the_last_window_positions():
+    layer = make_layer(window=3)
+    cache = layer.init_cache(1, max_len=100)
+    assert cache.keys.shape == (1, H, 3, K)
+    _, cache = run_cached(layer, normal(9, (1, 7, D)), cache, np.ones((1, 7), bool))
+    np.testing.assert_array_equal(np.sort(np.asarray(cache.positions[0, 0])), [4, 5, 6])
+
+
+def test_cache_with_segment_ids_is_refused():
+    layer = make_layer()
+    with pytest.raises(ValueError, match="segment_ids"):
+        layer(jnp.zeros((B, T, D)), cache=layer.init_cache(B, max_len=T), segment_ids=SEGMENT_IDS)

@@ -3,13 +3,46 @@
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from hamjax import ops
 from hamjax.ops import validation
 from hamjax.ops.segments import segment_index
+
+
+class AttentionCache(NamedTuple):
+    """S slots per row and head, written round-robin (slot = position mod S): keys [B, H, S, K]
+    (RoPE applied), values [B, H, S, K], positions [B, H, S] int32 (-1: empty), position [B] int32
+    (the next token's). Read by ops.dense_routed_attention like an ops.KVCache."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    position: jax.Array
+
+    @property
+    def occupied(self) -> jax.Array:
+        """[B, H, S] bool: which slots hold an entry."""
+        return self.positions >= 0
+
+    def write(self, keys, values, positions, valid) -> AttentionCache:
+        """The cache after tokens keys, values [B, T, H, K] at positions [B, T] (valid [B, T]): each
+        valid token among the last S positions goes to slot position mod S."""
+        slots = self.keys.shape[2]
+        last = jnp.max(positions, axis=1, keepdims=True)
+        slot = jnp.where(valid & (positions > last - slots), positions % slots, slots)  # slots: dropped
+        b = jnp.arange(keys.shape[0])[:, None]
+        per_head = jnp.broadcast_to(positions[..., None], keys.shape[:3])
+        return AttentionCache(
+            self.keys.at[b, :, slot].set(keys.astype(self.keys.dtype), mode="drop"),
+            self.values.at[b, :, slot].set(values.astype(self.values.dtype), mode="drop"),
+            self.positions.at[b, :, slot].set(per_head, mode="drop"),
+            last[:, 0] + 1,
+        )
 
 
 class Attention(nnx.Module):
@@ -46,16 +79,30 @@ class Attention(nnx.Module):
         self.v_proj = linear(d_model, heads * head_dim)
         self.out_proj = linear(heads * head_dim, d_model)
 
-    def __call__(self, x, *, segment_ids=None, valid=None):
-        """x [B, T, D] at positions 0..T-1; segment_ids [B, T] (a query sees only the keys of its own
-        segment, a run of equal ids); valid [B, T] (False = padding: never a key, though the position
-        counts it; outputs there are to be ignored). Returns y [B, T, D].
+    def init_cache(self, batch: int, max_len: int) -> AttentionCache:
+        """An empty cache of S = min(window, max_len) slots (max_len for full attention; max_len: the
+        longest context a decode will reach; past it the oldest entries are overwritten)."""
+        validation.check_positive_int("max_len", max_len)
+        slots = min(self.window or max_len, max_len)
+        keys = jnp.zeros((batch, self.heads, slots, self.head_dim), jnp.float32)
+        positions = jnp.full((batch, self.heads, slots), -1, jnp.int32)
+        return AttentionCache(keys, keys, positions, jnp.zeros((batch,), jnp.int32))
+
+    def __call__(self, x, *, cache: AttentionCache | None = None, segment_ids=None, valid=None):
+        """x [B, T, D]; cache from `init_cache` or a previous call: the tokens continue at its
+        position and also attend to its entries (None: positions 0..T-1, no cache kept); segment_ids
+        [B, T] (a query sees only the keys of its own segment, a run of equal ids; not with a cache);
+        valid [B, T] (False = padding: never a key nor cached, though the position counts it;
+        outputs there are to be ignored). Returns (y [B, T, D], the new cache or None).
         """
         validation.check_sequence_inputs(x, self.d_model, segment_ids, valid)
+        if cache is not None and segment_ids is not None:
+            raise ValueError("segment_ids are not supported together with a cache")
         batch, t, _ = x.shape
         shape = (batch, t, self.heads, self.head_dim)
         q, k, v = (proj(x).reshape(shape) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (batch, t))
+        start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.position
+        positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
         if self.rope_theta is not None:
             q, k = (ops.apply_rope(a, positions, self.rope_theta) for a in (q, k))
         valid = jnp.ones((batch, t), bool) if valid is None else jnp.asarray(valid, bool)
@@ -67,7 +114,8 @@ class Attention(nnx.Module):
             positions,
             logit_scale=jnp.full((self.heads,), self.head_dim**-0.5, jnp.float32),
             segment_ids=None if segment_ids is None else segment_index(segment_ids),
+            cache=cache,
             window=self.window,
         )
-        return self.out_proj(o.reshape(batch, t, -1))
-
+        y = self.out_proj(o.reshape(batch, t, -1))
+        return y, None if cache is None else cache.write(k, v, positions, valid)

@@ -117,7 +117,7 @@ def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 
 class Block(nnx.Module):
-    """x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(.)). x [B, T, D] -> (x [B, T, D], HAMStats or None)."""
+    """x + mixer(RMSNorm(x)), then + SwiGLU(RMSNorm(.)). x [B, T, D] -> x [B, T, D]."""
 
     def __init__(self, kind: str, config: ModelConfig, *, rngs: nnx.Rngs):
         self.kind = kind
@@ -126,17 +126,22 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_width, rngs=rngs)
 
-    def __call__(self, x, *, segment_ids=None, valid=None):
+    def init_cache(self, batch: int, max_len: int):
+        """The mixer's empty decode cache (max_len: the longest context, for full attention)."""
+        if self.kind in ("attention", "swa"):
+            return self.mixer.init_cache(batch, max_len)
+        return self.mixer.init_cache(batch)
+
+    def __call__(self, x, *, cache=None, segment_ids=None, valid=None):
+        """Returns (x, the mixer's new cache (None for attention called without one), HAMStats or None)."""
         h = self.mixer_norm(x)
         stats = None
         if self.kind == "ham":
-            h, _, stats = self.mixer(h, segment_ids=segment_ids, valid=valid)
-        elif self.kind == "gdn":
-            h, _ = self.mixer(h, segment_ids=segment_ids, valid=valid)
+            h, cache, stats = self.mixer(h, cache=cache, segment_ids=segment_ids, valid=valid)
         else:
-            h = self.mixer(h, segment_ids=segment_ids, valid=valid)
+            h, cache = self.mixer(h, cache=cache, segment_ids=segment_ids, valid=valid)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), stats
+        return x + self.mlp(self.mlp_norm(x)), cache, stats
 
 
 class LanguageModel(nnx.Module):
@@ -156,16 +161,33 @@ class LanguageModel(nnx.Module):
     def ham_layers(self) -> list[HAM]:
         return [block.mixer for block in self.blocks if block.kind == "ham"]
 
+    def init_cache(self, batch: int, max_len: int) -> tuple:
+        """Every block's empty decode cache, in order (max_len: the longest context a decode
+        reaches; it sizes the full-attention caches)."""
+        return tuple(block.init_cache(batch, max_len) for block in self.blocks)
+
     def __call__(self, tokens, *, segment_ids=None, valid=None):
         """tokens [B, T] in [0, vocab); segment_ids [B, T] (packed documents: nothing crosses a
         boundary); valid [B, T] (False = padding). Returns (logits [B, T, vocab], ModelStats)."""
+        logits, _, stats = self._forward(tokens, None, segment_ids, valid)
+        return logits, stats
+
+    def extend(self, tokens, cache: tuple, *, valid=None):
+        """Run tokens [B, T] after the context held in `cache` (from `init_cache` or a previous
+        call): a prefill for T > 1, a decode step (the recurrent forms) for T = 1. valid [B, T]
+        (False = padding: it enters no state, though positions count it).
+        Returns (logits [B, T, vocab], the new cache, ModelStats)."""
+        return self._forward(tokens, cache, None, valid)
+
+    def _forward(self, tokens, cache, segment_ids, valid):
         validation.check_rank("tokens", tokens, 2, "[B, T]")
         validation.check_token_ids("tokens", tokens, self.config.vocab_size)
         x = self.embed(tokens)
+        caches = [None] * len(self.blocks) if cache is None else list(cache)
         fractions, per_head = [], []
-        for block in self.blocks:
-            call = lambda blk, x: blk(x, segment_ids=segment_ids, valid=valid)
-            x, stats = (nnx.remat(call) if self.config.remat else call)(block, x)
+        for i, block in enumerate(self.blocks):
+            call = lambda blk, x, c: blk(x, cache=c, segment_ids=segment_ids, valid=valid)
+            x, caches[i], stats = (nnx.remat(call) if self.config.remat else call)(block, x, caches[i])
             if stats is not None:
                 fractions.append(stats.kv_fraction)
                 per_head.append(stats.kv_fraction_per_head)
@@ -176,7 +198,7 @@ class LanguageModel(nnx.Module):
             jnp.stack(fractions) if fractions else jnp.zeros((0,), jnp.float32),
             jnp.stack(per_head) if per_head else jnp.zeros((0, heads), jnp.float32),
         )
-        return logits.astype(jnp.float32), stats
+        return logits.astype(jnp.float32), tuple(caches), stats
 
     def update_thresholds(self, kv_fraction) -> None:
         """One controller step for each HAM layer from its measured kv_fraction [L_ham]."""

@@ -81,7 +81,8 @@ def dense_routed_attention(
 
     q, k [B, T, H, K]; v [B, T, H, V]; admitted [B, T, H]; positions [B, T]; log_weights [B, T, H].
     segment_ids [B, T]: keys are seen by queries with an equal id. cache: entries from before this
-    call (keys as stored), in segment 0, so pass segment indices (`segments.segment_index`) with a
+    call (an ops.KVCache, or any cache with keys, values, positions [B, H, S] and occupied; keys as
+    stored), in segment 0, so pass segment indices (`segments.segment_index`) with a
     cache; with log_weights, their bias is the log of their stored scores. window: as in `attend`.
     """
     to_heads = lambda x: jnp.moveaxis(x, 1, 2)  # [B, T, H, ...] -> [B, H, T, ...]
