@@ -1,7 +1,9 @@
-"""What the benchmark scripts share: realistic inputs, interleaved timing, the results file."""
+"""What the benchmark scripts share: the command line, realistic inputs, interleaved timing, the
+results file."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -10,6 +12,21 @@ import time
 
 import jax
 import numpy as np
+
+
+def parse_args(argv, description: str, default_output: str, lengths: list[int], repeats: int,
+               quick_lengths: list[int], quick_repeats: int):
+    """--quick / --lengths / --repeats / --output. Returns (lengths, repeats, output path or None):
+    --quick picks the tiny sizes and writes no file unless --output is given."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
+    parser.add_argument("--lengths", type=int, nargs="+", default=lengths)
+    parser.add_argument("--repeats", type=int, default=repeats)
+    parser.add_argument("--output", help=f"results JSON (default {default_output}; none with --quick)")
+    args = parser.parse_args(argv)
+    if args.quick:
+        return quick_lengths, quick_repeats, args.output
+    return args.lengths, args.repeats, args.output or default_output
 
 
 def make_inputs(t: int, batch: int, heads: int, dk: int, dv: int, seed: int = 0):

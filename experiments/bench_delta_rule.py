@@ -10,14 +10,13 @@ on a shared CPU. Writes a JSON results file.
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 
 import jax
 import jax.numpy as jnp
 
-from bench_common import make_inputs, median_times, save_results
+from bench_common import make_inputs, median_times, parse_args, save_results
 from hamjax.ops import gated_delta_rule
 
 DEFAULT_OUTPUT = "experiments/results/delta_rule_cpu.json"
@@ -89,13 +88,7 @@ def fla_kernel():
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048, 8192])
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", help=f"results JSON (default {DEFAULT_OUTPUT}; none with --quick)")
-    args = parser.parse_args(argv)
-    lengths, repeats = ([128], 2) if args.quick else (args.lengths, args.repeats)
+    lengths, repeats, output = parse_args(argv, __doc__, DEFAULT_OUTPUT, [512, 2048, 8192], 5, [128], 2)
     batch, heads, dk, dv = 1, 4, 64, 64
     naive = load_fla_naive()
     kernel = fla_kernel()
@@ -128,7 +121,7 @@ def main(argv=None):
         "gated delta rule: chunk vs recurrent (vs fla naive chunk), B=1 H=4 K=V=64",
         rows,
         repeats,
-        args.output or (None if args.quick else DEFAULT_OUTPUT),
+        output,
     )
 
 

@@ -16,13 +16,11 @@ Reports median times, ratios to attention, and the log-log slope of time in T fo
 
 from __future__ import annotations
 
-import argparse
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bench_common import make_inputs, median_times, save_results
+from bench_common import make_inputs, median_times, parse_args, save_results
 from hamjax import ops
 
 DEFAULT_OUTPUT = "experiments/results/ham_layer_cpu.json"
@@ -60,13 +58,7 @@ def slope(lengths, seconds) -> float:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 4096, 8192])
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--output", help=f"results JSON (default {DEFAULT_OUTPUT}; none with --quick)")
-    args = parser.parse_args(argv)
-    lengths, repeats = ([128, 256], 1) if args.quick else (args.lengths, args.repeats)
+    lengths, repeats, output = parse_args(argv, __doc__, DEFAULT_OUTPUT, [1024, 4096, 8192], 3, [128, 256], 1)
     batch, heads, dk, dv = 1, 4, 64, 64
     logit_scale = jnp.full((heads,), dk**0.5, jnp.float32)
     rows = []
@@ -94,7 +86,7 @@ def main(argv=None):
         "token mixing fwd+bwd: causal attention vs GDN vs HAM (compacted, capacity f*T), B=1 H=4 K=V=64",
         rows,
         repeats,
-        args.output or (None if args.quick else DEFAULT_OUTPUT),
+        output,
         loglog_slope=slopes,
     )
 

@@ -184,10 +184,11 @@ class LanguageModel(nnx.Module):
         validation.check_token_ids("tokens", tokens, self.config.vocab_size)
         x = self.embed(tokens)
         caches = [None] * len(self.blocks) if cache is None else list(cache)
+        call = lambda blk, x, c: blk(x, cache=c, segment_ids=segment_ids, valid=valid)
+        call = nnx.remat(call) if self.config.remat else call
         fractions, per_head = [], []
         for i, block in enumerate(self.blocks):
-            call = lambda blk, x, c: blk(x, cache=c, segment_ids=segment_ids, valid=valid)
-            x, caches[i], stats = (nnx.remat(call) if self.config.remat else call)(block, x, caches[i])
+            x, caches[i], stats = call(block, x, caches[i])
             if stats is not None:
                 fractions.append(stats.kv_fraction)
                 per_head.append(stats.kv_fraction_per_head)
