@@ -34,6 +34,7 @@ from oracles import (
     random_inputs,
     rel_rms,
     rope_reference,
+    softmax_read,
 )
 
 TOL = 1e-5  # relative RMS error allowed for float32 against the float64 oracle
@@ -605,3 +606,102 @@ def test_valid_calls_do_not_raise():
                  sequence_call(dk=5, rope_theta=None), step_call(dk=5, rope_theta=None),
                  sequence_call(tau=np.inf), sequence_call(tau=np.array([0.5, -np.inf, np.inf]))):
         jax.jit(call).trace()
+
+
+# ------------------------------------------------------------------------------ decode with eviction
+
+_step_evict = jax.jit(ops.ham_step, static_argnames="evict")
+
+
+@pytest.mark.parametrize("router", ROUTERS)
+def test_decode_step_with_eviction_keeps_the_most_surprising_tokens(router):
+    """40 tokens (B=2, H=2, capacity 3, some padding) through ham_step with evict=True and with
+    evict=False, tau near the 30% quantile of the scores (per head). With eviction: (a) the cache
+    never holds more than 3 entries, nor a position twice; (b) at the end it holds exactly the 3
+    highest-scoring valid tokens with score > tau (scores as the steps returned them), with
+    RoPE-rotated keys, values and scores of those tokens; (c) up to the step at which a (row, head)'s
+    cache first fills, its outputs and admissions equal evict=False's bit for bit (o_rnn and scores
+    always); (d) each step's o_attn equals a float64 softmax over the entries held after that step's
+    insertion (logit_scale, RoPE(q) at the step's position, log-score bias with the learned router)."""
+    b_, t_, h_, dk, dv, capacity = 2, 40, 2, 4, 3, 3
+    x = random_inputs(404, batch=b_, steps=t_, heads=h_, dk=dk, dv=dv, initial_state=False)
+    x["q"] = unit(x["q"]).astype(np.float32)
+    rng = np.random.default_rng(405)
+    router_scores = rng.uniform(0.05, 0.95, (b_, t_, h_)).astype(np.float32) if router == "learned" else None
+    valid = rng.random((b_, t_)) > 0.15
+    valid[:, 0] = True
+    logit_scale = np.array([3.0, 5.0], np.float32)
+
+    def run(evict, tau):
+        state, outs = ops.init_ham_state(b_, h_, dk, dv, capacity), []
+        for t in range(t_):
+            out = _step_evict(*(x[n][:, t] for n in ("q", "k", "v", "g", "beta")), state, tau=tau,
+                              logit_scale=logit_scale, valid=valid[:, t], evict=evict,
+                              router_score=None if router_scores is None else router_scores[:, t])
+            state = out.state
+            outs.append(jax.device_get(out))
+        return outs
+
+    free = run(False, np.full(h_, np.inf, np.float32))
+    all_scores = np.stack([o.scores for o in free], axis=1)  # [B, T, H]
+    tau = np.array([np.quantile(all_scores[..., h][valid], 0.3) for h in range(h_)], np.float32)
+    evicting, capped = run(True, tau), run(False, tau)
+    scores = np.stack([o.scores for o in evicting], axis=1)
+    candidate = (scores > tau) & valid[..., None]
+    assert (candidate.sum(1) > capacity + 5).all(), "every (row, head) must overflow"
+
+    for t, (e, c) in enumerate(zip(evicting, capped)):
+        # (c) o_rnn and scores never depend on the cache.
+        np.testing.assert_array_equal(e.o_rnn, c.o_rnn)
+        np.testing.assert_array_equal(e.scores, c.scores)
+        cache = e.state.cache
+        # (a)
+        assert (cache.count <= capacity).all(), f"step {t}: count {cache.count}"
+        np.testing.assert_array_equal(e.state.position, np.full(b_, t + 1))
+        # (d) float64 softmax attention over the entries held after this step's insertion.
+        q_rot = rope_reference(x["q"][:, t], t)  # [B, H, K]
+        for b in range(b_):
+            for h in range(h_):
+                n = int(cache.count[b, h])
+                positions = cache.positions[b, h, :n]
+                assert len(set(positions.tolist())) == n and (positions <= t).all()
+                assert not e.admitted[b, h] or t in positions.tolist()
+                lw = None if router_scores is None else np.log(cache.scores[b, h, :n].astype(np.float64))
+                want = softmax_read(q_rot[b, h], cache.keys[b, h, :n], cache.values[b, h, :n], logit_scale[h], lw)
+                np.testing.assert_allclose(e.o_attn[b, h], want, rtol=1e-5, atol=1e-6,
+                                           err_msg=f"step {t}, ({b}, {h}): o_attn")
+
+    # (c) identical to evict=False up to the step that first fills each (row, head)'s cache.
+    counts = np.stack([o.state.cache.count for o in evicting])  # [T, B, H]
+    first_full = np.argmax(counts == capacity, axis=0)  # [B, H]
+    assert (counts[-1] == capacity).all() and (first_full < t_ - 10).all(), first_full
+    for b in range(b_):
+        for h in range(h_):
+            for t in range(first_full[b, h] + 1):
+                e, c = evicting[t], capped[t]
+                assert e.admitted[b, h] == c.admitted[b, h], f"step {t}, ({b}, {h}): admitted"
+                np.testing.assert_array_equal(e.o_attn[b, h], c.o_attn[b, h], err_msg=f"step {t}, ({b}, {h})")
+                for field in ("keys", "values", "positions", "scores", "count"):
+                    np.testing.assert_array_equal(getattr(e.state.cache, field)[b, h],
+                                                  getattr(c.state.cache, field)[b, h], err_msg=field)
+    # ...and eviction does change what the cache holds afterwards.
+    assert any((evicting[-1].state.cache.positions[b, h] != capped[-1].state.cache.positions[b, h]).any()
+               for b in range(b_) for h in range(h_))
+
+    # (b) the final cache holds the `capacity` highest-scoring candidates.
+    final = evicting[-1].state.cache
+    for b in range(b_):
+        for h in range(h_):
+            cand = np.flatnonzero(candidate[b, :, h])
+            best = cand[np.argsort(-scores[b, cand, h], kind="stable")[:capacity]]
+            assert len(set(scores[b, cand, h].tolist())) == len(cand), "test setup: tied scores"
+            order = np.argsort(final.positions[b, h])
+            np.testing.assert_array_equal(final.positions[b, h][order], np.sort(best), err_msg=f"({b}, {h})")
+            held = final.positions[b, h][order]
+            np.testing.assert_array_equal(final.scores[b, h][order], scores[b, held, h])
+            np.testing.assert_array_equal(final.values[b, h][order], x["v"][b, held, h])
+            np.testing.assert_allclose(final.keys[b, h][order], rope_reference(x["k"][b, held, h], held),
+                                       rtol=1e-5, atol=1e-6)
+            # More admissions than slots (evictions happened), and only candidates were admitted.
+            admitted = np.array([o.admitted[b, h] for o in evicting])
+            assert admitted.sum() > capacity and not (admitted & ~candidate[b, :, h]).any()

@@ -35,12 +35,15 @@ class AttentionCache(NamedTuple):
         slots = self.keys.shape[2]
         last = jnp.max(positions, axis=1, keepdims=True)
         slot = jnp.where(valid & (positions > last - slots), positions % slots, slots)  # slots: dropped
-        b = jnp.arange(keys.shape[0])[:, None]
+        # One index per (row, token, head), as in ops.kv_cache: XLA then scatters in place.
+        b = jnp.arange(keys.shape[0])[:, None, None]
+        h = jnp.arange(keys.shape[2])[None, None, :]
+        slot = slot[..., None]
         per_head = jnp.broadcast_to(positions[..., None], keys.shape[:3])
         return AttentionCache(
-            self.keys.at[b, :, slot].set(keys.astype(self.keys.dtype), mode="drop"),
-            self.values.at[b, :, slot].set(values.astype(self.values.dtype), mode="drop"),
-            self.positions.at[b, :, slot].set(per_head, mode="drop"),
+            self.keys.at[b, h, slot].set(keys.astype(self.keys.dtype), mode="drop"),
+            self.values.at[b, h, slot].set(values.astype(self.values.dtype), mode="drop"),
+            self.positions.at[b, h, slot].set(per_head, mode="drop"),
             last[:, 0] + 1,
         )
 
@@ -106,13 +109,22 @@ class Attention(nnx.Module):
         if self.rope_theta is not None:
             q, k = (ops.apply_rope(a, positions, self.rope_theta) for a in (q, k))
         valid = jnp.ones((batch, t), bool) if valid is None else jnp.asarray(valid, bool)
+        logit_scale = jnp.full((self.heads,), self.head_dim**-0.5, jnp.float32)
+        if cache is not None and t == 1:
+            # Decode step: write the token in its slot, then read the cache in place (no copy of it).
+            cache = cache.write(k, v, positions, valid)
+            o = ops.attend(
+                q, positions, cache.keys, cache.values, cache.positions, cache.occupied,
+                logit_scale=logit_scale, window=self.window,
+            )
+            return self.out_proj(o.reshape(batch, t, -1)), cache
         o = ops.dense_routed_attention(
             q,
             k,
             v,
             jnp.broadcast_to(valid[..., None], shape[:3]),
             positions,
-            logit_scale=jnp.full((self.heads,), self.head_dim**-0.5, jnp.float32),
+            logit_scale=logit_scale,
             segment_ids=None if segment_ids is None else segment_index(segment_ids),
             cache=cache,
             window=self.window,

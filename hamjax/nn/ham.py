@@ -36,12 +36,14 @@ class HAMCache(NamedTuple):
 
 class HAMStats(NamedTuple):
     """admitted [B, T, H] bool; scores [B, T, H] float32; kv_fraction (scalar) and
-    kv_fraction_per_head [H]: admitted / valid tokens of this call."""
+    kv_fraction_per_head [H]: admitted / valid tokens of this call; over_tau (scalar): valid tokens
+    scoring above tau / valid tokens, admitted or not (a full cache refuses them)."""
 
     admitted: jax.Array
     scores: jax.Array
     kv_fraction: jax.Array
     kv_fraction_per_head: jax.Array
+    over_tau: jax.Array
 
 
 class Threshold(nnx.Variable):
@@ -129,35 +131,56 @@ class HAM(nnx.Module):
             ops.update_threshold(self.threshold.get_value(), measured_fraction, self.threshold_config)
         )
 
-    def init_cache(self, batch: int) -> HAMCache:
-        """Empty cache for `batch` rows: zero RNN state, empty KV cache at position 0, zero conv state."""
+    def init_cache(self, batch: int, capacity: int | None = None) -> HAMCache:
+        """Empty cache for `batch` rows: zero RNN state, empty KV cache at position 0, zero conv state.
+        capacity: KV slots per row and head (default: the layer's `capacity`, as in training)."""
         p = self.proj
-        state = ops.init_ham_state(batch, p.heads, p.key_dim, p.value_dim, self.capacity)
+        capacity = self.capacity if capacity is None else capacity
+        validation.check_positive_int("capacity", capacity)
+        state = ops.init_ham_state(batch, p.heads, p.key_dim, p.value_dim, capacity)
         return HAMCache(state, p.conv.init_state(batch))
 
     def __call__(
-        self, x, *, cache: HAMCache | None = None, segment_ids=None, valid=None, tau=None, method: str = "chunk"
+        self,
+        x,
+        *,
+        cache: HAMCache | None = None,
+        segment_ids=None,
+        valid=None,
+        tau=None,
+        method: str = "chunk",
+        evict: bool = False,
     ):
         """x [B, T, D]; cache from `init_cache` or a previous call (None: empty); segment_ids [B, T]
         (a new segment resets the RNN state, conv state and KV cache); valid [B, T] (False = padding:
         never admitted, RNN, conv and KV cache unchanged, though the position counts it, as in
         ops.ham_sequence; outputs there are to be ignored); tau
-        overrides the threshold (scalar or [H]); method "chunk" or "recurrent" for the delta rule.
+        overrides the threshold (scalar or [H]); method "chunk" or "recurrent" for the delta rule;
+        evict (one token at a time only): a full cache replaces its least-surprising entry with a
+        more surprising token instead of refusing it (ops.ham_step).
 
         Returns (y [B, T, D], new cache, HAMStats). A length-1 input takes ops.ham_step.
         """
+        if evict and x.shape[1] != 1:
+            raise ValueError(f"evict applies to one token at a time, got {x.shape[1]} tokens; run them one by one")
         cache = self.init_cache(x.shape[0]) if cache is None else cache
         inputs, conv = self.proj(x, cache.conv, segment_ids=segment_ids, valid=valid)
         scores = None if self.router_mlp is None else self.router_mlp(x)
+        tau = self.tau if tau is None else tau
         common = dict(
-            tau=self.tau if tau is None else tau,
+            tau=tau,
             logit_scale=jnp.exp(self.log_logit_scale[...]),
             rope_theta=self.rope_theta,
         )
         if x.shape[1] == 1:
             token = lambda a: None if a is None else a[:, 0]
             out = ops.ham_step(
-                *map(token, inputs[:5]), cache.ham, router_score=token(scores), valid=token(valid), **common
+                *map(token, inputs[:5]),
+                cache.ham,
+                router_score=token(scores),
+                valid=token(valid),
+                evict=evict,
+                **common,
             )
             with_t = lambda a: a[:, None]
             out = out._replace(
@@ -179,5 +202,6 @@ class HAM(nnx.Module):
                 **common,
             )
         h = self.norm(out.o_rnn) + self.gamma[...][:, None] * self.attn_norm(out.o_attn)
-        stats = HAMStats(out.admitted, out.scores, out.kv_fraction, out.kv_fraction_per_head)
+        over_tau, _ = ops.kv_fraction(out.scores > jnp.asarray(tau, jnp.float32), valid)
+        stats = HAMStats(out.admitted, out.scores, out.kv_fraction, out.kv_fraction_per_head, over_tau)
         return self.proj.output(h, inputs.z), HAMCache(out.state, conv), stats

@@ -93,10 +93,12 @@ class ModelConfig:
 
 class ModelStats(NamedTuple):
     """Of the HAM layers, in order (L_ham of them): kv_fraction [L_ham], kv_fraction_per_head
-    [L_ham, H] (admitted / valid tokens of this call)."""
+    [L_ham, H] (admitted / valid tokens of this call); over_tau [L_ham] (tokens scoring above tau /
+    valid tokens, whether or not the cache had room)."""
 
     kv_fraction: jax.Array
     kv_fraction_per_head: jax.Array
+    over_tau: jax.Array
 
 
 def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -126,18 +128,22 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_width, rngs=rngs)
 
-    def init_cache(self, batch: int, max_len: int):
-        """The mixer's empty decode cache (max_len: the longest context, for full attention)."""
+    def init_cache(self, batch: int, max_len: int, capacity: int | None = None):
+        """The mixer's empty decode cache (max_len: the longest context, for full attention;
+        capacity: HAM's KV slots, default the layer's own)."""
         if self.kind in ("attention", "swa"):
             return self.mixer.init_cache(batch, max_len)
+        if self.kind == "ham":
+            return self.mixer.init_cache(batch, capacity)
         return self.mixer.init_cache(batch)
 
-    def __call__(self, x, *, cache=None, segment_ids=None, valid=None):
-        """Returns (x, the mixer's new cache (None for attention called without one), HAMStats or None)."""
+    def __call__(self, x, *, cache=None, segment_ids=None, valid=None, tau=None, evict=False):
+        """Returns (x, the mixer's new cache (None for attention called without one), HAMStats or None).
+        tau and evict reach a HAM mixer only (see HAM.__call__)."""
         h = self.mixer_norm(x)
         stats = None
         if self.kind == "ham":
-            h, cache, stats = self.mixer(h, cache=cache, segment_ids=segment_ids, valid=valid)
+            h, cache, stats = self.mixer(h, cache=cache, segment_ids=segment_ids, valid=valid, tau=tau, evict=evict)
         else:
             h, cache = self.mixer(h, cache=cache, segment_ids=segment_ids, valid=valid)
         x = x + h
@@ -161,10 +167,11 @@ class LanguageModel(nnx.Module):
     def ham_layers(self) -> list[HAM]:
         return [block.mixer for block in self.blocks if block.kind == "ham"]
 
-    def init_cache(self, batch: int, max_len: int) -> tuple:
+    def init_cache(self, batch: int, max_len: int, capacity: int | None = None) -> tuple:
         """Every block's empty decode cache, in order (max_len: the longest context a decode
-        reaches; it sizes the full-attention caches)."""
-        return tuple(block.init_cache(batch, max_len) for block in self.blocks)
+        reaches; it sizes the full-attention caches; capacity: the HAM layers' KV slots per row and
+        head, default the config's)."""
+        return tuple(block.init_cache(batch, max_len, capacity) for block in self.blocks)
 
     def __call__(self, tokens, *, segment_ids=None, valid=None):
         """tokens [B, T] in [0, vocab); segment_ids [B, T] (packed documents: nothing crosses a
@@ -172,32 +179,40 @@ class LanguageModel(nnx.Module):
         logits, _, stats = self._forward(tokens, None, segment_ids, valid)
         return logits, stats
 
-    def extend(self, tokens, cache: tuple, *, valid=None):
+    def extend(self, tokens, cache: tuple, *, valid=None, taus=None, evict: bool = False):
         """Run tokens [B, T] after the context held in `cache` (from `init_cache` or a previous
         call): a prefill for T > 1, a decode step (the recurrent forms) for T = 1. valid [B, T]
-        (False = padding: it enters no state, though positions count it).
+        (False = padding: it enters no state, though positions count it); taus [L_ham] or
+        [L_ham, H] overrides the HAM layers' thresholds; evict (T = 1 only): full HAM caches
+        replace their least-surprising entry with a more surprising token.
         Returns (logits [B, T, vocab], the new cache, ModelStats)."""
-        return self._forward(tokens, cache, None, valid)
+        n_ham = len(self.ham_layers)
+        if taus is not None and (jnp.ndim(taus) not in (1, 2) or jnp.shape(taus)[0] != n_ham):
+            raise ValueError(f"taus must have shape [L_ham] or [L_ham, H] with L_ham = {n_ham}, got {jnp.shape(taus)}")
+        return self._forward(tokens, cache, None, valid, taus, evict)
 
-    def _forward(self, tokens, cache, segment_ids, valid):
+    def _forward(self, tokens, cache, segment_ids, valid, taus=None, evict=False):
         validation.check_rank("tokens", tokens, 2, "[B, T]")
         validation.check_token_ids("tokens", tokens, self.config.vocab_size)
         x = self.embed(tokens)
         caches = [None] * len(self.blocks) if cache is None else list(cache)
-        call = lambda blk, x, c: blk(x, cache=c, segment_ids=segment_ids, valid=valid)
+        call = lambda blk, x, c, tau: blk(x, cache=c, segment_ids=segment_ids, valid=valid, tau=tau, evict=evict)
         call = nnx.remat(call) if self.config.remat else call
-        fractions, per_head = [], []
+        fractions, per_head, over_tau = [], [], []
         for i, block in enumerate(self.blocks):
-            x, caches[i], stats = call(block, x, caches[i])
+            tau = None if taus is None or block.kind != "ham" else taus[len(fractions)]
+            x, caches[i], stats = call(block, x, caches[i], tau)
             if stats is not None:
                 fractions.append(stats.kv_fraction)
                 per_head.append(stats.kv_fraction_per_head)
+                over_tau.append(stats.over_tau)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         heads = self.config.heads
         stats = ModelStats(
             jnp.stack(fractions) if fractions else jnp.zeros((0,), jnp.float32),
             jnp.stack(per_head) if per_head else jnp.zeros((0, heads), jnp.float32),
+            jnp.stack(over_tau) if over_tau else jnp.zeros((0,), jnp.float32),
         )
         return logits.astype(jnp.float32), tuple(caches), stats
 

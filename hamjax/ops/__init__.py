@@ -8,7 +8,7 @@ from hamjax.ops.delta_rule import (
     gated_delta_rule_with_errors,
 )
 from hamjax.ops.ham import HamOutput, HamState, ham_sequence, ham_step, init_ham_state
-from hamjax.ops.kv_cache import KVCache, append_tokens, init_kv_cache
+from hamjax.ops.kv_cache import KVCache, append_tokens, init_kv_cache, insert_evicting
 from hamjax.ops.rope import apply_rope
 from hamjax.ops.routing import (
     ThresholdConfig,
@@ -41,6 +41,7 @@ __all__ = [
     "init_ham_state",
     "init_kv_cache",
     "init_threshold",
+    "insert_evicting",
     "kv_fraction",
     "segment_starts",
     "surprise_scores",

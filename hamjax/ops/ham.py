@@ -161,10 +161,15 @@ def ham_step(
     router_score=None,
     valid=None,
     rope_theta: float | None = 10000.0,
+    evict: bool = False,
 ) -> HamOutput:
     """One token in recurrent form: q, k [B, H, K]; v [B, H, V]; g, beta [B, H]; router_score
     [B, H] or None; valid [B]. Same meaning as `ham_sequence` (no segments: decoding is one
-    document per row). Outputs drop the T axis."""
+    document per row). Outputs drop the T axis.
+
+    evict=False stops admitting when the cache is full (the training rule); evict=True lets a token
+    with score > tau replace the cache's least-surprising entry when its score is higher
+    (kv_cache.insert_evicting), so the cache keeps the most surprising tokens seen."""
     _check_step_args(q, v, state, tau, logit_scale, router_score, valid)
     batch = q.shape[0]
     valid = jnp.ones((batch,), bool) if valid is None else jnp.asarray(valid, bool)
@@ -173,12 +178,16 @@ def ham_step(
     )
     score = surprise_scores(error) if router_score is None else jnp.asarray(router_score, jnp.float32)
     cache = state.cache
-    admitted = (score > jnp.asarray(tau, jnp.float32)) & (cache.count < cache.capacity) & valid[:, None]
+    candidate = (score > jnp.asarray(tau, jnp.float32)) & valid[:, None]
     position = state.position[:, None]  # [B, 1]
     q_rot, k_rot = (
         x[:, None] if rope_theta is None else apply_rope(x[:, None], position, rope_theta) for x in (q, k)
     )
-    cache = kv.append_tokens(cache, k_rot, v[:, None], position, score[:, None], admitted[:, None])
+    if evict:
+        cache, admitted = kv.insert_evicting(cache, k_rot[:, 0], v, state.position, score, candidate)
+    else:
+        admitted = candidate & (cache.count < cache.capacity)
+        cache = kv.append_tokens(cache, k_rot, v[:, None], position, score[:, None], admitted[:, None])
     o_attn = attend(
         q_rot,
         position,

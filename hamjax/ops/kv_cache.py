@@ -80,6 +80,35 @@ def append_tokens(cache: KVCache, keys, values, positions, scores, admitted) -> 
     )
 
 
+def insert_evicting(cache: KVCache, keys, values, position, scores, candidate):
+    """One token per (row, head), keeping the most surprising entries: a candidate takes the next
+    free slot, or, when the cache is full, replaces the lowest-scored entry if its score is higher.
+
+    keys [B, H, K]; values [B, H, V]; position [B] int; scores, candidate [B, H].
+    Returns (cache, admitted [B, H] bool: the candidates that entered).
+    """
+    candidate = jnp.asarray(candidate, bool)
+    if cache.capacity == 0:
+        return cache, jnp.zeros_like(candidate)
+    scores = jnp.asarray(scores, jnp.float32)
+    full = cache.count >= cache.capacity
+    weakest = jnp.argmin(jnp.where(cache.occupied, cache.scores, jnp.inf), axis=-1)  # [B, H]
+    weakest_score = jnp.take_along_axis(cache.scores, weakest[..., None], axis=-1)[..., 0]
+    admitted = candidate & (~full | (scores > weakest_score))
+    slot = jnp.where(admitted, jnp.where(full, weakest, cache.count), cache.capacity)  # capacity: dropped
+    batch, heads = slot.shape
+    b_idx, h_idx = jnp.arange(batch)[:, None], jnp.arange(heads)[None, :]
+    positions = jnp.broadcast_to(jnp.asarray(position, jnp.int32)[:, None], (batch, heads))
+    updated = KVCache(
+        keys=cache.keys.at[b_idx, h_idx, slot].set(keys.astype(cache.keys.dtype), mode="drop"),
+        values=cache.values.at[b_idx, h_idx, slot].set(values.astype(cache.values.dtype), mode="drop"),
+        positions=cache.positions.at[b_idx, h_idx, slot].set(positions, mode="drop"),
+        scores=cache.scores.at[b_idx, h_idx, slot].set(scores, mode="drop"),
+        count=cache.count + (admitted & ~full),
+    )
+    return updated, admitted
+
+
 def resize(cache: KVCache, capacity: int) -> KVCache:
     """The same entries in a cache of another capacity (entries past it are dropped)."""
     validation.check_nonnegative_int("capacity", capacity)
