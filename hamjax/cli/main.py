@@ -1,4 +1,4 @@
-"""`hamjax train | eval`: errors in what the user asked for print one line and exit with status 2."""
+"""`hamjax train | eval | generate`: errors in what the user asked for print one line and exit with status 2."""
 
 from __future__ import annotations
 
@@ -46,6 +46,49 @@ def _eval(args) -> int:
     return 0
 
 
+def _generate(args) -> int:
+    from hamjax.data import load_tokenizer
+    from hamjax.generate import CachePolicy, SamplingConfig, cache_memory, generate
+    from hamjax.train import load_model
+
+    prompts = [p for p in args.prompt]
+    for i, prompt in enumerate(prompts):
+        if not prompt:
+            raise ValueError(f"--prompt {i + 1} is empty: give some text to continue")
+    policy = CachePolicy(args.capacity, args.evict, args.tau, args.budget_bytes)
+    sampling = SamplingConfig(args.temperature, args.top_k, args.top_p)
+    model, config, step = load_model(args.checkpoint, args.step)
+    tokenizer = load_tokenizer(config.data.tokenizer)
+    stop_tokens = []
+    for text in args.stop:
+        ids = tokenizer.encode(text)
+        if len(ids) != 1:
+            raise ValueError(f"--stop {text!r} is {len(ids)} tokens; a stop must be exactly one token")
+        stop_tokens.append(int(ids[0]))
+    encoded = [tokenizer.encode(p) for p in prompts]
+    out = generate(
+        model, encoded, max_new_tokens=args.max_new_tokens, sampling=sampling, stop_tokens=stop_tokens,
+        seed=args.seed, policy=policy,
+    )
+    taus = [round(float(t), 4) for t in out.taus.reshape(len(model.ham_layers), -1).mean(axis=1)]
+    print(f"checkpoint {args.checkpoint} step {step}; HAM thresholds {taus}, KV fraction "
+          f"{[round(float(f), 3) for f in out.kv_fraction]}")
+    for row, (prompt, ids) in enumerate(zip(prompts, encoded)):
+        n = int(out.lengths[row])
+        print(f"\n--- prompt {row + 1} ({len(ids)} tokens) + {n} generated ---")
+        print(prompt + tokenizer.decode(out.tokens[row, :n]))
+        context = len(ids) + n - 1  # the last generated token is not fed back
+        print(f"cache after {context} tokens (per layer; full attention: a layer of the same heads and "
+              f"sizes holding every token):")
+        print(f"{'layer':>5} {'kind':>9} {'KV entries':>10} {'slots':>8} {'KV bytes held':>13} "
+              f"{'allocated':>11} {'state bytes':>11} {'full attention':>14} {'held/full':>9}")
+        for i, layer in enumerate(cache_memory(model, out.cache, context, row)):
+            ratio = layer.used_bytes / layer.full_attention_bytes
+            print(f"{i:>5} {layer.kind:>9} {layer.entries:>10,} {layer.slots:>8,} {layer.used_bytes:>13,} "
+                  f"{layer.kv_bytes:>11,} {layer.state_bytes:>11,} {layer.full_attention_bytes:>14,} {ratio:>9.2f}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="hamjax", description="Hybrid Associative Memory models in JAX.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -58,6 +101,21 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     evaluate.add_argument("--batches", type=int, default=0, help="validation batches (default 0: all)")
     evaluate.set_defaults(run=_eval)
+    gen = commands.add_parser("generate", help="continue a prompt with a trained model; report its cache")
+    gen.add_argument("--checkpoint", required=True, help="the run folder written by `hamjax train`")
+    gen.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    gen.add_argument("--prompt", action="append", required=True, help="text to continue (repeat for a batch)")
+    gen.add_argument("--max_new_tokens", type=int, default=200)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    gen.add_argument("--top_k", type=int, default=None)
+    gen.add_argument("--top_p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--stop", action="append", default=[], help="a one-token text that ends generation (repeatable)")
+    gen.add_argument("--capacity", type=int, default=None, help="HAM KV slots per layer and head")
+    gen.add_argument("--evict", action="store_true", help="a full HAM cache evicts its least-surprising entry")
+    gen.add_argument("--tau", type=float, default=None, help="one threshold for every HAM layer")
+    gen.add_argument("--budget_bytes", type=int, default=None, help="HAM KV-cache bytes per sequence")
+    gen.set_defaults(run=_generate)
     return parser
 
 

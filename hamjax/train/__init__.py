@@ -3,7 +3,7 @@ and the loop."""
 
 from hamjax.train.checkpoint import Checkpoints
 from hamjax.train.config import PRESETS, DataConfig, RunConfig, TrainConfig, preset
-from hamjax.train.loop import Evaluation, NonFiniteLoss, RunSummary, evaluate, evaluate_checkpoint, train
+from hamjax.train.loop import Evaluation, NonFiniteLoss, RunSummary, evaluate, evaluate_checkpoint, load_model, train
 from hamjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 from hamjax.train.step import StepMetrics, bits_per_byte, eval_step, train_step
 
@@ -22,6 +22,7 @@ __all__ = [
     "evaluate",
     "evaluate_checkpoint",
     "learning_rate_schedule",
+    "load_model",
     "make_optimizer",
     "preset",
     "train",

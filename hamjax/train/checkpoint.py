@@ -42,7 +42,14 @@ class Checkpoints:
             raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure_state(model, optimizer))
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
-        restored = self.manager.restore(step, args=args)
+        try:
+            restored = self.manager.restore(step, args=args)
+        except ValueError as error:
+            reason = str(error).splitlines()[0][:300]
+            raise ValueError(
+                f"checkpoint {step} in {self.directory} does not fit this model and optimizer (was it saved "
+                f"with another config?): {reason}"
+            ) from error
         for obj, name in ((model, "model"), (optimizer, "optimizer")):
             state = nnx.state(obj)
             nnx.replace_by_pure_dict(state, restored["state"][name])

@@ -190,14 +190,21 @@ def write_summary(run: pathlib.Path, summary: RunSummary, peak_flops: float) -> 
     (run / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
-def evaluate_checkpoint(run_dir: str, step: int | None = None, max_batches: int = 0) -> tuple[int, Evaluation]:
-    """Validation loss, bits per byte and KV fraction of a run's checkpoint (default: the latest)."""
+def load_model(run_dir: str, step: int | None = None) -> tuple[LanguageModel, RunConfig, int]:
+    """The model of a run's checkpoint (default: the latest), its run config and its step.
+    ValueError when the checkpoint does not fit the run's config.json."""
     config = load_run_config(run_dir)
-    corpus = load_corpus(config)
     model, optimizer = build(config)
     checkpoints = Checkpoints(f"{run_dir}/checkpoints", async_save=False)
     try:
         step = checkpoints.restore(model, optimizer, step)["step"]
     finally:
         checkpoints.close()
+    return model, config, step
+
+
+def evaluate_checkpoint(run_dir: str, step: int | None = None, max_batches: int = 0) -> tuple[int, Evaluation]:
+    """Validation loss, bits per byte and KV fraction of a run's checkpoint (default: the latest)."""
+    model, config, step = load_model(run_dir, step)
+    corpus = load_corpus(config)
     return step, evaluate(model, corpus.validation, corpus.bytes_per_token, config.train.batch_size, max_batches)
