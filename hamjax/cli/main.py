@@ -1,4 +1,4 @@
-"""`hamjax train | eval | generate`: errors in what the user asked for print one line and exit with status 2."""
+"""`hamjax train | eval | generate | bench`: errors in what the user asked for print one line and exit with status 2."""
 
 from __future__ import annotations
 
@@ -89,6 +89,13 @@ def _generate(args) -> int:
     return 0
 
 
+def _bench(args) -> int:
+    from hamjax.bench import run_suite
+
+    run_suite(args.output_dir, quick=args.quick, only=args.only)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="hamjax", description="Hybrid Associative Memory models in JAX.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=OneLineParser)
@@ -116,6 +123,11 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--tau", type=float, default=None, help="one threshold for every HAM layer")
     gen.add_argument("--budget_bytes", type=int, default=None, help="HAM KV-cache bytes per sequence")
     gen.set_defaults(run=_generate)
+    bench = commands.add_parser("bench", help="the benchmark suite: results JSON and a Markdown report")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: about 75 s on 2 CPU cores")
+    bench.add_argument("--only", nargs="+", default=None, help="benchmarks to run (default: all)")
+    bench.add_argument("--output_dir", default="runs/bench", help="where the results go (default runs/bench)")
+    bench.set_defaults(run=_bench)
     return parser
 
 

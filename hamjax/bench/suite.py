@@ -1,0 +1,76 @@
+"""`hamjax bench`: the benchmarks run one after another, each result saved as JSON, and all of
+them gathered into one results file and one Markdown report."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+
+from hamjax.bench import decode, delta_rule, ham_layer
+
+BENCHMARKS = {"delta_rule": delta_rule, "ham_layer": ham_layer, "decode": decode}
+
+
+def run_suite(output_dir: str | pathlib.Path, *, quick: bool = False, only: list[str] | None = None) -> dict:
+    """Run the benchmarks named in `only` (default: all, in BENCHMARKS order), --quick sizes when
+    `quick`. Writes <name>.json per benchmark, suite.json (all of them) and suite.md (a table per
+    benchmark) under output_dir. Returns the suite record."""
+    names = list(BENCHMARKS) if not only else list(only)
+    unknown = [name for name in names if name not in BENCHMARKS]
+    if unknown:
+        raise ValueError(f"unknown benchmark {unknown[0]!r}; choose from {list(BENCHMARKS)}")
+    folder = pathlib.Path(output_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    results = {}
+    for name in names:
+        print(f"== {name}", flush=True)
+        start = time.perf_counter()
+        argv = (["--quick"] if quick else []) + ["--output", str(folder / f"{name}.json")]
+        results[name] = BENCHMARKS[name].main(argv) | {"wall_seconds": time.perf_counter() - start}
+    suite = {"quick": quick, "results": results}
+    (folder / "suite.json").write_text(json.dumps(suite, indent=2) + "\n")
+    (folder / "suite.md").write_text(markdown_report(suite))
+    print(f"wrote {folder / 'suite.json'} and {folder / 'suite.md'}")
+    return suite
+
+
+def flatten(row: dict, prefix: str = "") -> dict:
+    """{"a": {"b": 1}, "c": 2} -> {"a/b": 1, "c": 2}."""
+    flat = {}
+    for key, value in row.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{name}/")
+        else:
+            flat[name] = value
+    return flat
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def markdown_report(suite: dict) -> str:
+    """One section per benchmark: what it measured, on which device, and its rows as a table."""
+    lines = ["# hamjax bench" + (" (--quick)" if suite["quick"] else ""), ""]
+    for name, result in suite["results"].items():
+        rows = [flatten(row) for row in result["rows"]]
+        columns = list(dict.fromkeys(key for row in rows for key in row))
+        lines += [
+            f"## {name}",
+            "",
+            f"{result['benchmark']}. Device: {result['device']}; jax {result['jax']}; median of "
+            f"{result['repeats']} runs; {result['wall_seconds']:.0f} s in all.",
+            "",
+            "| " + " | ".join(columns) + " |",
+            "|" + "---|" * len(columns),
+        ]
+        lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
+        extra = {k: v for k, v in result.items() if k not in ("benchmark", "device", "jax", "repeats", "rows", "wall_seconds")}
+        if extra:
+            lines += ["", ", ".join(f"{k}: {_cell(v) if not isinstance(v, dict) else json.dumps(v)}" for k, v in extra.items())]
+        lines.append("")
+    return "\n".join(lines)
