@@ -9,7 +9,6 @@ import pathlib
 import shutil
 
 import chex
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
