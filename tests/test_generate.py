@@ -4,6 +4,7 @@ eviction, threshold override, byte budget), the memory report, bad input, and `h
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import shutil
@@ -259,9 +260,7 @@ def test_bad_policies_are_refused():
 def save_run(run_dir: pathlib.Path, **model_fields):
     """A run folder with a step-0 checkpoint of the tiny preset (no training needed)."""
     config = preset("tiny")
-    config = config.__class__(
-        config.model.__class__(**(config.model.__dict__ | model_fields)), config.data, config.train, str(run_dir)
-    )
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, **model_fields), run_dir=str(run_dir))
     prepare_run_folder(config)
     model, optimizer = build(config)
     checkpoints = Checkpoints(run_dir / "checkpoints", async_save=False)

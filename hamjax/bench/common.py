@@ -16,8 +16,8 @@ import numpy as np
 
 def parse_args(argv, description: str, default_output: str, lengths: list[int], repeats: int,
                quick_lengths: list[int], quick_repeats: int):
-    """--quick / --lengths / --repeats / --output. Returns (lengths, repeats, output path or None):
-    --quick picks the tiny sizes and writes no file unless --output is given."""
+    """--quick / --lengths / --repeats / --output. Returns (lengths, repeats, output path or None,
+    quick): --quick picks the tiny sizes and writes no file unless --output is given."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
     parser.add_argument("--lengths", type=int, nargs="+", default=lengths)
@@ -25,8 +25,8 @@ def parse_args(argv, description: str, default_output: str, lengths: list[int], 
     parser.add_argument("--output", help=f"results JSON (default {default_output}; none with --quick)")
     args = parser.parse_args(argv)
     if args.quick:
-        return quick_lengths, quick_repeats, args.output
-    return args.lengths, args.repeats, args.output or default_output
+        return quick_lengths, quick_repeats, args.output, True
+    return args.lengths, args.repeats, args.output or default_output, False
 
 
 def make_inputs(t: int, batch: int, heads: int, dk: int, dv: int, seed: int = 0):

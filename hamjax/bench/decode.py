@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -149,8 +148,7 @@ def memory(model: LanguageModel, cache: tuple, context: int) -> dict:
 
 
 def main(argv=None):
-    lengths, repeats, output = parse_args(argv, __doc__, DEFAULT_OUTPUT, [2048, 8192, 32768], 3, [256], 1)
-    quick = "--quick" in (sys.argv[1:] if argv is None else argv)
+    lengths, repeats, output, quick = parse_args(argv, __doc__, DEFAULT_OUTPUT, [2048, 8192, 32768], 3, [256], 1)
     new_tokens = QUICK_NEW_TOKENS if quick else NEW_TOKENS
     steps = new_tokens - 1
     models = {name: LanguageModel(ModelConfig(pattern=p), rngs=nnx.Rngs(0)) for name, p in PATTERNS.items()}

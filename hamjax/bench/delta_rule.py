@@ -88,7 +88,7 @@ def fla_kernel():
 
 
 def main(argv=None):
-    lengths, repeats, output = parse_args(argv, __doc__, DEFAULT_OUTPUT, [512, 2048, 8192], 5, [128], 2)
+    lengths, repeats, output, _ = parse_args(argv, __doc__, DEFAULT_OUTPUT, [512, 2048, 8192], 5, [128], 2)
     batch, heads, dk, dv = 1, 4, 64, 64
     naive = load_fla_naive()
     kernel = fla_kernel()

@@ -58,7 +58,7 @@ def slope(lengths, seconds) -> float:
 
 
 def main(argv=None):
-    lengths, repeats, output = parse_args(argv, __doc__, DEFAULT_OUTPUT, [1024, 4096, 8192], 3, [128, 256], 1)
+    lengths, repeats, output, _ = parse_args(argv, __doc__, DEFAULT_OUTPUT, [1024, 4096, 8192], 3, [128, 256], 1)
     batch, heads, dk, dv = 1, 4, 64, 64
     logit_scale = jnp.full((heads,), dk**0.5, jnp.float32)
     rows = []

@@ -51,7 +51,7 @@ def _generate(args) -> int:
     from hamjax.generate import CachePolicy, SamplingConfig, cache_memory, generate
     from hamjax.train import load_model
 
-    prompts = [p for p in args.prompt]
+    prompts = list(args.prompt)
     for i, prompt in enumerate(prompts):
         if not prompt:
             raise ValueError(f"--prompt {i + 1} is empty: give some text to continue")

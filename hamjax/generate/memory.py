@@ -36,10 +36,19 @@ class LayerMemory(NamedTuple):
         return self.entries * self.entry_bytes
 
 
+def _bytes(arrays, leading: int) -> int:
+    """Bytes of `arrays` per index of their first `leading` axes (1: per row; 3: per [B, H, S] slot)."""
+    return sum(int(np.prod(a.shape[leading:])) * a.dtype.itemsize for a in arrays)
+
+
+def _slot_arrays(kv) -> tuple:
+    """The [B, H, S, ...] arrays of an ops.KVCache or an nn AttentionCache."""
+    return tuple(a for a in kv if a.ndim >= 3)
+
+
 def kv_entry_bytes(key_dim: int, value_dim: int) -> int:
     """Bytes of one HAM KV-cache entry (ops.KVCache: fp32 key and value, int32 position, fp32 score)."""
-    empty = jax.eval_shape(lambda: ops.init_kv_cache(1, 1, 1, key_dim, value_dim))
-    return sum(int(np.prod(a.shape)) * a.dtype.itemsize for a in (empty.keys, empty.values, empty.positions, empty.scores))
+    return _bytes(_slot_arrays(jax.eval_shape(lambda: ops.init_kv_cache(1, 1, 1, key_dim, value_dim))), 3)
 
 
 def cache_memory(model: LanguageModel, cache: tuple, context: int, row: int = 0) -> list[LayerMemory]:
@@ -49,20 +58,15 @@ def cache_memory(model: LanguageModel, cache: tuple, context: int, row: int = 0)
     full = context * c.heads * ((c.key_dim + c.value_dim) * 4 + POSITION_BYTES)
     layers = []
     for kind, layer in zip(c.mixers, cache):
-        nbytes = lambda arrays: sum(int(np.prod(a.shape[1:])) * a.dtype.itemsize for a in arrays)
+        if kind == "gdn":
+            layers.append(LayerMemory(kind, 0, 0, 0, 0, _bytes((layer.rnn, layer.conv), 1), full))
+            continue
         if kind == "ham":
-            kv = layer.ham.cache
-            slots = kv.capacity * c.heads
-            entries = int(jnp.sum(kv.count[row]))
-            entry = kv_entry_bytes(c.key_dim, c.value_dim)
-            state = nbytes((layer.ham.rnn, layer.conv))
-        elif kind == "gdn":
-            slots = entries = entry = 0
-            state = nbytes((layer.rnn, layer.conv))
+            kv, entries = layer.ham.cache, int(jnp.sum(layer.ham.cache.count[row]))
+            state = _bytes((layer.ham.rnn, layer.conv), 1)
         else:
-            slots = layer.keys.shape[2] * c.heads
-            entries = int(jnp.sum(layer.occupied[row]))
-            entry = (layer.keys.shape[3] + layer.values.shape[3]) * layer.keys.dtype.itemsize + POSITION_BYTES
-            state = 0
+            kv, entries, state = layer, int(jnp.sum(layer.occupied[row])), 0
+        slots = kv.keys.shape[2] * c.heads
+        entry = _bytes(_slot_arrays(kv), 3)
         layers.append(LayerMemory(kind, entries, slots, entry, slots * entry, state, full))
     return layers
