@@ -1,9 +1,13 @@
 """Text data: tokenizers (bytes by default), documents through Hugging Face `datasets`, packing into
-rows with segment ids, and deterministic resumable batches."""
+rows with segment ids, and deterministic resumable batches; the synthetic recall tasks MQAR and pass-key
+retrieval, with their metric."""
 
-from hamjax.data.batches import Corpus, batch_at, prepare_corpus, sequential_batches
+from hamjax.data.batches import Corpus, batch_at, batch_indices, prepare_corpus, sequential_batches
 from hamjax.data.corpus import DEFAULT_CORPUS, kjv_path, load_documents
+from hamjax.data.mqar import MQARConfig, mqar_batch
+from hamjax.data.needle import needle_batch
 from hamjax.data.packing import PackedRows, pack_documents, split_documents, target_mask
+from hamjax.data.recall import IGNORE_INDEX, recall_accuracy
 from hamjax.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -11,14 +15,20 @@ __all__ = [
     "ByteTokenizer",
     "Corpus",
     "HFTokenizer",
+    "IGNORE_INDEX",
+    "MQARConfig",
     "PackedRows",
     "Tokenizer",
     "batch_at",
+    "batch_indices",
     "kjv_path",
     "load_documents",
     "load_tokenizer",
+    "mqar_batch",
+    "needle_batch",
     "pack_documents",
     "prepare_corpus",
+    "recall_accuracy",
     "sequential_batches",
     "split_documents",
     "target_mask",

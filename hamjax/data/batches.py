@@ -22,23 +22,29 @@ def _permutation(n_rows: int, seed: int, epoch: int) -> np.ndarray:
     return order
 
 
-def batch_at(rows: PackedRows, step: int, batch_size: int, seed: int) -> PackedRows:
-    """[N, L] rows -> batch [B, L] of training step `step`: a pure function of its arguments, so
-    resuming from a checkpoint needs only the step.
+def batch_indices(n_rows: int, step: int, batch_size: int, seed: int) -> np.ndarray:
+    """The row numbers [B] int64 of training step `step`'s batch out of n_rows rows: a pure function
+    of its arguments, so resuming from a checkpoint needs only the step.
 
     Example p = step * B + i is row permutation_e[p % N] of epoch e = p // N; every epoch visits every
     row once, and a batch may straddle two epochs.
     """
+    check_positive_int("n_rows", n_rows)
     check_nonnegative_int("step", step)
     check_positive_int("batch_size", batch_size)
     check_nonnegative_int("seed", seed)
-    n_rows = len(rows.tokens)
     positions = step * batch_size + np.arange(batch_size)
     epochs = positions // n_rows
     index = np.empty(batch_size, np.int64)
     for epoch in np.unique(epochs):
         where = epochs == epoch
         index[where] = _permutation(n_rows, seed, int(epoch))[positions[where] % n_rows]
+    return index
+
+
+def batch_at(rows: PackedRows, step: int, batch_size: int, seed: int) -> PackedRows:
+    """[N, L] rows -> batch [B, L] of training step `step` (the rows `batch_indices` names)."""
+    index = batch_indices(len(rows.tokens), step, batch_size, seed)
     return PackedRows(rows.tokens[index], rows.segment_ids[index])
 
 
