@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import json
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from hamjax.bench import BENCHMARKS, ham_layer
-from hamjax.bench.suite import flatten
+from hamjax import ops
+from hamjax.bench import BENCHMARKS, ham_layer, memory, train_step
+from hamjax.bench.common import count_every_buffer, memory_need, variant
 from hamjax.cli.main import main
 from hamjax.nn import ModelConfig
+from hamjax.train import PRESETS
+from hamjax.train.flops import forward_flops_per_token
 
 
 @pytest.fixture(scope="module")
@@ -19,15 +25,15 @@ def suite(tmp_path_factory):
     return folder, json.loads((folder / "suite.json").read_text())
 
 
-def test_the_suite_writes_every_result_and_the_report(suite):
+def test_the_suite_writes_every_result_and_its_summary(suite):
     folder, record = suite
     assert record["quick"] is True and list(record["results"]) == list(BENCHMARKS)
     report = (folder / "suite.md").read_text()
     for name, result in record["results"].items():
         assert json.loads((folder / f"{name}.json").read_text())["rows"] == result["rows"]
-        assert f"## {name}" in report
-        columns = list(flatten(result["rows"][0]))
-        assert "| " + " | ".join(columns) + " |" in report  # the table's header
+        table = BENCHMARKS[name].summary(result)
+        assert f"## {name}" in report and table in report
+        assert table.count("\n|---") == 1 and len(table.splitlines()) >= 3  # a header, a rule and rows
 
 
 def test_delta_rule(suite):
@@ -39,10 +45,97 @@ def test_delta_rule(suite):
 
 def test_ham_layer(suite):
     result = suite[1]["results"]["ham_layer"]
-    kinds = {"attention", "gdn", f"ham_cap{ham_layer.FIXED_CAPACITY}"}
-    kinds |= {f"ham_{f}" for f in ham_layer.FRACTIONS}
+    kinds = {"attention", "swa", "gdn", f"ham_cap{ham_layer.FIXED_CAPACITY}"}
+    kinds |= {f"ham_{f}" for f in ham_layer.QUICK_FRACTIONS}
     assert set(result["loglog_slope"]) == kinds
-    assert all(set(row["seconds"]) == kinds for row in result["rows"])
+    for row in result["rows"]:
+        assert set(row["seconds"]) == kinds and row["skipped"] == {}
+        assert all(s > 0 for s in row["seconds"].values())
+        assert set(row["memory_bytes"]) == kinds and all(b > 0 for b in row["memory_bytes"].values())
+        assert row["over_attention"]["attention"] == 1.0
+    assert 0 < result["memory_budget_bytes"]
+
+
+def test_the_sliding_window_contender_sees_the_last_window_keys():
+    t, heads, dim, window = 12, 2, 8, 4
+    q, k, v = np.random.default_rng(0).normal(size=(3, 1, t, heads, dim)).astype(np.float32)
+    positions = jnp.arange(t)[None]
+    dense = ops.attend(q, positions, jnp.moveaxis(k, 1, 2), jnp.moveaxis(v, 1, 2), jnp.broadcast_to(positions, (1, heads, t)),
+                       jnp.ones((1, heads, t), bool), logit_scale=jnp.full((heads,), 0.5), window=window)
+    swa = ham_layer.windowed_attention(q, k, v, 0.5, window)
+    np.testing.assert_allclose(swa, dense, rtol=1e-5, atol=1e-5)
+    assert not np.allclose(ham_layer.windowed_attention(q, k, v, 0.5), dense, atol=1e-3)  # the window matters
+
+
+def test_contenders_over_the_memory_budget_are_skipped_and_recorded():
+    t = 16
+    inputs = list(jnp.asarray(np.random.default_rng(0).normal(size=(3, 1, t, 2, 8)), jnp.float32))
+    args = [*inputs, jnp.zeros((1, t, 2)), jnp.ones((1, t, 2)), inputs[0], jnp.arange(t)[None], jnp.ones((2,))]
+    losses = {"attention": ham_layer.attention_loss(), "swa": ham_layer.attention_loss(4)}
+    fields = ham_layer.run_contenders(losses, args, budget=0, repeats=1)
+    assert fields["seconds"] == {} and set(fields["skipped"]) == set(losses)
+    assert {name: s["bytes"] for name, s in fields["skipped"].items()} == fields["memory_bytes"]
+    assert all(b > 0 for b in fields["memory_bytes"].values())
+    assert all("over the budget 0.00 GiB" in s["reason"] for s in fields["skipped"].values())
+
+
+def test_slopes_are_fitted_over_the_lengths_each_contender_ran():
+    rows = [
+        {"T": 1000, "seconds": {"a": 1.0, "b": 2.0, "c": 3.0}, "over_attention": {}, "skipped": {}},
+        {"T": 2000, "seconds": {"a": 4.0, "b": 4.0}, "over_attention": {}, "skipped": {"c": {"bytes": 2**31}}},
+        {"T": 4000, "seconds": {"b": 8.0}, "over_attention": {}, "skipped": {"a": {"bytes": 2**31}, "c": {"bytes": 2**31}}},
+    ]
+    assert ham_layer.slopes(rows) == pytest.approx({"a": 2.0, "b": 1.0})
+    table = ham_layer.summary({"rows": rows, "loglog_slope": ham_layer.slopes(rows)})
+    assert "| 4000 | skipped (2.0 GiB) | 8000.0 ms | skipped (2.0 GiB) |" in table
+    assert table.endswith("| log-log slope | 2.00 | 1.00 | - |")
+
+
+def test_train_step(suite):
+    result = suite[1]["results"]["train_step"]
+    (row,) = result["rows"]
+    models = set(train_step.QUICK_MODELS)
+    assert result["preset"] == "tiny" and result["peak_flops"] > 0
+    for field in ("seconds_per_step", "tokens_per_s", "train_flops_per_token", "mfu", "mixers"):
+        assert set(row[field]) == models
+    config = PRESETS["tiny"]
+    assert row["tokens_per_step"] == config.train.batch_size * config.data.seq_len
+    for name in models:
+        seconds, flops = row["seconds_per_step"][name], row["train_flops_per_token"][name]
+        assert seconds > 0 and row["tokens_per_s"][name] == pytest.approx(row["tokens_per_step"] / seconds)
+        assert 0 < row["mfu"][name] <= 1
+        assert flops["total"] == sum(n for c, n in flops.items() if c != "total")
+        forward = forward_flops_per_token(variant(config, row["T"], **train_step.MODELS[name]).model, row["T"])
+        assert flops == {c: 3 * n for c, n in forward.items()} | {"total": flops["total"]}
+        assert row["mfu"][name] == pytest.approx(row["tokens_per_s"][name] * flops["total"] / result["peak_flops"])
+    assert row["train_flops_per_token"]["ham"]["delta_rule"] > 0 == row["train_flops_per_token"]["transformer"]["delta_rule"]
+    assert row["mixers"] == {"ham": "ham,ham", "transformer": "attention,attention"}
+
+
+def test_memory(suite):
+    result = suite[1]["results"]["memory"]
+    models = set(memory.QUICK_NAMES)
+    assert [row["T"] for row in result["rows"]] == [64, 128] and result["compiler_options"] == count_every_buffer()
+    for row in result["rows"]:
+        assert set(row["peak_bytes"]) == models and row["over_transformer"]["transformer"] == 1.0
+        for name, b in row["bytes"].items():
+            assert row["peak_bytes"][name] == b["argument"] + b["output"] + b["temp"] - b["alias"] > 0
+        assert row["over_transformer"]["ham"] == row["peak_bytes"]["ham"] / row["peak_bytes"]["transformer"]
+    short, long = result["rows"]
+    assert long["peak_bytes"]["transformer"] > short["peak_bytes"]["transformer"]
+    assert long["bytes"]["transformer"]["temp"] > 2 * short["bytes"]["transformer"]["temp"]  # the T x T logits
+    assert set(result["loglog_slope"]) == {"peak", "temp"}
+    assert all(set(s) == models for s in result["loglog_slope"].values())
+    if jax.default_backend() == "cpu":
+        assert "device_peak_bytes_in_use" not in short
+
+
+def test_every_buffer_is_counted():
+    """On a CPU, XLA hands a fused matmul chain to YNNPACK, whose intermediates memory_analysis does
+    not see: the memory benchmark compiles without it."""
+    x = jnp.ones((256, 256))
+    chain = jax.jit(lambda x: jnp.sum(jnp.exp(x @ x) @ x)).lower(x)
+    assert memory_need(chain.compile(compiler_options=count_every_buffer()))["temp"] >= x.nbytes
 
 
 def test_decode(suite):
@@ -59,10 +152,6 @@ def test_decode(suite):
     assert row["ham_capacity"] == -(-row["context"] // 4)
     assert row["kv_entries"]["ham"] == ModelConfig().n_layers * 2 * row["ham_capacity"]
     assert row["ham_kv_bytes_over_transformer"] < 0.3
-
-
-def test_flatten():
-    assert flatten({"a": {"b": 1, "c": {"d": 2.5}}, "e": "x"}) == {"a/b": 1, "a/c/d": 2.5, "e": "x"}
 
 
 def test_unknown_benchmark_is_refused(tmp_path, capsys):

@@ -48,7 +48,7 @@ from hamjax.nn.attention import AttentionCache
 from hamjax.nn.gdn import GDNCache
 from hamjax.nn.ham import HAMCache
 
-DEFAULT_OUTPUT = "experiments/results/decode_cpu.json"
+DEFAULT_OUTPUT = "runs/bench/decode.json"
 KV_FRACTION = 0.25
 NEW_TOKENS = 32
 QUICK_NEW_TOKENS = 4
@@ -193,6 +193,26 @@ def main(argv=None):
         kv_fraction=KV_FRACTION,
         new_tokens=new_tokens,
     )
+
+
+
+def summary(result: dict) -> str:
+    """Per context: milliseconds per token per model, the Transformer's time over HAM's and GDN's,
+    KV MiB and HAM's KV bytes over the Transformer's."""
+    names = list(result["rows"][0]["seconds_per_token"])
+    lines = [
+        "| context | " + " | ".join(f"{n} ms / token" for n in names)
+        + " | Transformer / HAM time | Transformer / GDN time | HAM KV MiB | Transformer KV MiB | HAM / Transformer KV |",
+        "|---" * (len(names) + 6) + "|",
+    ]
+    for row in result["rows"]:
+        kv = row["kv_bytes"]
+        lines.append(
+            f"| {row['context']} | " + " | ".join(f"{1e3 * row['seconds_per_token'][n]:.2f}" for n in names)
+            + f" | {row['transformer_over_ham']:.2f}x | {row['transformer_over_gdn']:.2f}x | {kv['ham'] / 2**20:.2f}"
+            f" | {kv['transformer'] / 2**20:.2f} | {row['ham_kv_bytes_over_transformer']:.3f} |"
+        )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from hamjax.bench.common import make_inputs, median_times, parse_args, save_results
 from hamjax.ops import gated_delta_rule
 
-DEFAULT_OUTPUT = "experiments/results/delta_rule_cpu.json"
+DEFAULT_OUTPUT = "runs/bench/delta_rule.json"
 
 
 def jax_runners(inputs, method: str):
@@ -123,6 +123,19 @@ def main(argv=None):
         repeats,
         output,
     )
+
+
+
+def summary(result: dict) -> str:
+    """Per T: the chunked form's milliseconds and every contender's time over it."""
+    ratios = list(dict.fromkeys(k for row in result["rows"] for k in row if "_over_" in k))
+    labels = [k.replace("_over_", " / ").replace("/fwd_bwd", " (fwd+bwd)").replace("/fwd", " (fwd)") for k in ratios]
+    lines = ["| T | chunk fwd ms | chunk fwd+bwd ms | " + " | ".join(labels) + " |", "|---" * (len(ratios) + 3) + "|"]
+    for row in result["rows"]:
+        seconds = row["seconds"]
+        lines.append(f"| {row['T']} | {1e3 * seconds['chunk/fwd']:.1f} | {1e3 * seconds['chunk/fwd_bwd']:.1f} | "
+                     + " | ".join(f"{row[k]:.2f}x" if k in row else "-" for k in ratios) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -7,15 +7,17 @@ import json
 import pathlib
 import time
 
-from hamjax.bench import decode, delta_rule, ham_layer
+from hamjax.bench import decode, delta_rule, ham_layer, memory, train_step
 
-BENCHMARKS = {"delta_rule": delta_rule, "ham_layer": ham_layer, "decode": decode}
+BENCHMARKS = {
+    "delta_rule": delta_rule, "ham_layer": ham_layer, "train_step": train_step, "memory": memory, "decode": decode,
+}
 
 
 def run_suite(output_dir: str | pathlib.Path, *, quick: bool = False, only: list[str] | None = None) -> dict:
     """Run the benchmarks named in `only` (default: all, in BENCHMARKS order), --quick sizes when
-    `quick`. Writes <name>.json per benchmark, suite.json (all of them) and suite.md (a table per
-    benchmark) under output_dir. Returns the suite record."""
+    `quick`. Writes <name>.json per benchmark, suite.json (all of them) and suite.md (a summary
+    table per benchmark) under output_dir. Returns the suite record."""
     names = list(BENCHMARKS) if not only else list(only)
     unknown = [name for name in names if name not in BENCHMARKS]
     if unknown:
@@ -35,42 +37,19 @@ def run_suite(output_dir: str | pathlib.Path, *, quick: bool = False, only: list
     return suite
 
 
-def flatten(row: dict, prefix: str = "") -> dict:
-    """{"a": {"b": 1}, "c": 2} -> {"a/b": 1, "c": 2}."""
-    flat = {}
-    for key, value in row.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            flat |= flatten(value, f"{name}/")
-        else:
-            flat[name] = value
-    return flat
-
-
-def _cell(value) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 def markdown_report(suite: dict) -> str:
-    """One section per benchmark: what it measured, on which device, and its rows as a table."""
+    """One section per benchmark: what it measured, on which device, and its summary table (the
+    benchmark module's `summary`); the results JSON is the complete record."""
     lines = ["# hamjax bench" + (" (--quick)" if suite["quick"] else ""), ""]
     for name, result in suite["results"].items():
-        rows = [flatten(row) for row in result["rows"]]
-        columns = list(dict.fromkeys(key for row in rows for key in row))
+        timing = f"median of {result['repeats']} runs; " if result["repeats"] else ""
         lines += [
             f"## {name}",
             "",
-            f"{result['benchmark']}. Device: {result['device']}; jax {result['jax']}; median of "
-            f"{result['repeats']} runs; {result['wall_seconds']:.0f} s in all.",
+            f"{result['benchmark']}. Device: {result['device']}; jax {result['jax']}; {timing}"
+            f"{result['wall_seconds']:.0f} s in all; every number in {name}.json.",
             "",
-            "| " + " | ".join(columns) + " |",
-            "|" + "---|" * len(columns),
+            BENCHMARKS[name].summary(result),
+            "",
         ]
-        lines += ["| " + " | ".join(_cell(row.get(c, "")) for c in columns) + " |" for row in rows]
-        extra = {k: v for k, v in result.items() if k not in ("benchmark", "device", "jax", "repeats", "rows", "wall_seconds")}
-        if extra:
-            lines += ["", ", ".join(f"{k}: {_cell(v) if not isinstance(v, dict) else json.dumps(v)}" for k, v in extra.items())]
-        lines.append("")
     return "\n".join(lines)
