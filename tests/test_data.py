@@ -191,16 +191,12 @@ def test_batch_at_rejects_bad_arguments():
         data.batch_at(rows, 0, 2, -1)
 
 
-def test_sequential_batches_cover_all_rows_once_in_order():
-    rows = numbered_rows(10)
-    batches = list(data.sequential_batches(rows, 4))
-    assert [len(b.tokens) for b in batches] == [4, 4, 2]
-    np.testing.assert_array_equal(np.concatenate([b.tokens for b in batches]), rows.tokens)
-    np.testing.assert_array_equal(np.concatenate([b.segment_ids for b in batches]), rows.segment_ids)
-    assert [len(b.tokens) for b in data.sequential_batches(rows, 5)] == [5, 5]
+def test_sequential_indices_cover_all_rows_once_in_order():
+    batches = list(data.sequential_indices(10, 4))
+    assert [b.tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9]]
+    assert [len(b) for b in data.sequential_indices(10, 5)] == [5, 5]
     with pytest.raises(ValueError, match="batch_size"):
-        data.sequential_batches(rows, 0)
-
+        data.sequential_indices(10, 0)
 
 # -------------------------------------------------------------------------------------- documents
 

@@ -16,15 +16,29 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
+def _start_processes() -> bool:
+    """jax.distributed start-up where the environment asks for it (hamjax.train.distributed);
+    True in the process that reports (process 0, or the only one)."""
+    import jax
+
+    from hamjax.train.distributed import initialize_if_requested
+
+    initialize_if_requested()
+    return jax.process_index() == 0
+
+
 def _train(args) -> int:
+    config = config_from_flags(args)
+    reports = _start_processes()
     from hamjax.train import NonFiniteLoss, train
 
-    config = config_from_flags(args)
     try:
         summary = train(config, progress=not args.quiet)
     except NonFiniteLoss as error:
         print(f"hamjax train: {error}", file=sys.stderr)
         return 1
+    if not reports:
+        return 0 if summary.status == "finished" else 130
     if summary.status == "interrupted":
         print(f"interrupted at step {summary.step}: checkpoint saved in {config.run_dir}; "
               "run the same command again to resume")
@@ -39,10 +53,12 @@ def _train(args) -> int:
 
 
 def _eval(args) -> int:
+    reports = _start_processes()
     from hamjax.train import evaluate_checkpoint
 
     step, result = evaluate_checkpoint(args.run_dir, args.step, args.batches)
-    print(json.dumps({"run_dir": args.run_dir, "step": step, **result._asdict()}))
+    if reports:
+        print(json.dumps({"run_dir": args.run_dir, "step": step, **result._asdict()}))
     return 0
 
 
@@ -124,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget_bytes", type=int, default=None, help="HAM KV-cache bytes per sequence")
     gen.set_defaults(run=_generate)
     bench = commands.add_parser("bench", help="the benchmark suite: results JSON and a Markdown report")
-    bench.add_argument("--quick", action="store_true", help="tiny sizes: about 75 s on 2 CPU cores")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: about 90 s on 2 CPU cores")
     bench.add_argument("--only", nargs="+", default=None, help="benchmarks to run (default: all)")
     bench.add_argument("--output_dir", default="runs/bench", help="where the results go (default runs/bench)")
     bench.set_defaults(run=_bench)

@@ -2,7 +2,7 @@
 rows with segment ids, and deterministic resumable batches; the synthetic recall tasks MQAR and pass-key
 retrieval, with their metric."""
 
-from hamjax.data.batches import Corpus, batch_at, batch_indices, prepare_corpus, sequential_batches
+from hamjax.data.batches import Corpus, batch_at, batch_indices, prepare_corpus, sequential_indices
 from hamjax.data.corpus import DEFAULT_CORPUS, kjv_path, load_documents
 from hamjax.data.mqar import MQARConfig, mqar_batch
 from hamjax.data.needle import needle_batch
@@ -29,7 +29,7 @@ __all__ = [
     "pack_documents",
     "prepare_corpus",
     "recall_accuracy",
-    "sequential_batches",
+    "sequential_indices",
     "split_documents",
     "target_mask",
 ]

@@ -48,13 +48,11 @@ def batch_at(rows: PackedRows, step: int, batch_size: int, seed: int) -> PackedR
     return PackedRows(rows.tokens[index], rows.segment_ids[index])
 
 
-def sequential_batches(rows: PackedRows, batch_size: int) -> Iterator[PackedRows]:
-    """[N, L] rows -> batches [B, L] in row order; the last one holds the remaining N mod B rows, if any."""
+def sequential_indices(n_rows: int, batch_size: int) -> Iterator[np.ndarray]:
+    """The row numbers [B] int64 of batches of n_rows rows in row order; the last batch holds the
+    remaining n_rows mod B rows, if any."""
     check_positive_int("batch_size", batch_size)
-    return (
-        PackedRows(rows.tokens[start : start + batch_size], rows.segment_ids[start : start + batch_size])
-        for start in range(0, len(rows.tokens), batch_size)
-    )
+    return (np.arange(start, min(start + batch_size, n_rows)) for start in range(0, n_rows, batch_size))
 
 
 class Corpus(NamedTuple):

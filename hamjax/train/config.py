@@ -35,7 +35,8 @@ class TrainConfig:
     """AdamW with warmup + cosine decay to min_lr_ratio * learning_rate, global-norm clipping and no
     weight decay on norms, biases, A_log and dt_bias. One step consumes grad_accum * batch_size rows.
     Evaluates every eval_every steps on eval_batches validation batches (0: all), saves a checkpoint
-    every save_every steps and keeps the last keep_checkpoints."""
+    every save_every steps and keeps the last keep_checkpoints. mesh_data x mesh_fsdp x mesh_tensor:
+    the device mesh (hamjax.train.sharding; mesh_data 0 takes the devices the others leave)."""
 
     steps: int = 400
     batch_size: int = 16
@@ -53,11 +54,15 @@ class TrainConfig:
     save_every: int = 100
     keep_checkpoints: int = 3
     async_checkpoints: bool = True
+    mesh_data: int = 0
+    mesh_fsdp: int = 1
+    mesh_tensor: int = 1
 
     def __post_init__(self):
-        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_checkpoints"):
+        for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_checkpoints",
+                     "mesh_fsdp", "mesh_tensor"):
             validation.check_positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "seed", "eval_batches"):
+        for name in ("warmup_steps", "seed", "eval_batches", "mesh_data"):
             validation.check_nonnegative_int(name, getattr(self, name))
         for name in ("learning_rate", "clip_norm"):
             validation.check_positive_float(name, getattr(self, name))
@@ -124,8 +129,12 @@ def config_from_dict(values: dict) -> RunConfig:
     return RunConfig(**kwargs, **{k: v for k, v in values.items() if k not in sections})
 
 
-# Fields that may differ when a run resumes: they change when things happen, not what is computed.
-BOOKKEEPING_FIELDS = {"eval_every", "eval_batches", "save_every", "keep_checkpoints", "async_checkpoints"}
+# Fields that may differ when a run resumes: they change when and where things happen, not what is
+# computed (a run saved on one mesh resumes on another).
+BOOKKEEPING_FIELDS = {
+    "eval_every", "eval_batches", "save_every", "keep_checkpoints", "async_checkpoints", "mesh_data", "mesh_fsdp",
+    "mesh_tensor",
+}
 
 
 def resume_conflicts(saved: RunConfig, current: RunConfig) -> list[str]:

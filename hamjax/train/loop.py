@@ -12,11 +12,12 @@ import threading
 import time
 from typing import NamedTuple
 
+import jax
 import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hamjax.data import Corpus, PackedRows, batch_at, load_tokenizer, prepare_corpus, sequential_batches
+from hamjax.data import Corpus, PackedRows, batch_indices, load_tokenizer, prepare_corpus, sequential_indices
 from hamjax.nn.model import LanguageModel
 from hamjax.train.checkpoint import Checkpoints
 from hamjax.train.config import RunConfig
@@ -24,7 +25,8 @@ from hamjax.train.flops import measure_matmul_peak, training_flops_per_token
 from hamjax.train.optimizer import make_optimizer
 from hamjax.train.plot import plot_run
 from hamjax.train.run_folder import MetricsLog, load_run_config, prepare_run_folder
-from hamjax.train.step import bits_per_byte, eval_step, train_step
+from hamjax.train.sharding import batch_on_mesh, check_batch_size, make_mesh
+from hamjax.train.step import MeshSteps, bits_per_byte
 
 
 class NonFiniteLoss(RuntimeError):
@@ -73,17 +75,18 @@ def build(config: RunConfig) -> tuple[LanguageModel, nnx.Optimizer]:
     return model, make_optimizer(model, config.train)
 
 
-def evaluate(model: LanguageModel, rows: PackedRows, bytes_per_token: float, batch_size: int, max_batches: int = 0):
-    """Mean next-token loss, bits per byte and KV fraction per HAM layer over the rows (the first
-    max_batches batches; 0: all). The thresholds do not move."""
+def evaluate(steps: MeshSteps, rows: PackedRows, bytes_per_token: float, batch_size: int, max_batches: int = 0):
+    """Mean next-token loss, bits per byte and KV fraction per HAM layer over the rows (in order, in
+    batches of batch_size; the first max_batches batches, 0: all) of the model in `steps`. The
+    thresholds do not move."""
     loss_sum, tokens, fractions = 0.0, 0, []
-    for i, batch in enumerate(sequential_batches(rows, batch_size)):
+    for i, index in enumerate(sequential_indices(len(rows.tokens), batch_size)):
         if max_batches and i == max_batches:
             break
-        batch_loss, batch_tokens, kv = eval_step(model, batch.tokens, batch.segment_ids)
+        batch_loss, batch_tokens, kv = steps.evaluate(*batch_on_mesh(*rows, index, steps.mesh))
         loss_sum += float(batch_loss)
         tokens += int(batch_tokens)
-        fractions.append((np.asarray(kv), len(batch.tokens)))
+        fractions.append((np.asarray(kv), len(index)))
     loss = loss_sum / max(tokens, 1)
     rows_seen = sum(n for _, n in fractions)
     kv = sum(f * n for f, n in fractions) / rows_seen
@@ -113,28 +116,32 @@ class _StopRequest:
 def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
     """Train (or resume) the run in config.run_dir; see the README's training section."""
     started = time.perf_counter()
+    tc = config.train
+    mesh = make_mesh(tc.mesh_data, tc.mesh_fsdp, tc.mesh_tensor)
+    check_batch_size(tc.batch_size, mesh)
     corpus = load_corpus(config)
     model, optimizer = build(config)
-    run = prepare_run_folder(config)
-    tc = config.train
+    steps = MeshSteps(model, optimizer, mesh)
+    primary = jax.process_index() == 0  # the process that writes the run folder's files
+    run = prepare_run_folder(config, write=primary)
     checkpoints = Checkpoints(run / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
     start = 0
     if checkpoints.latest_step() is not None:
         start = checkpoints.restore(model, optimizer)["step"]
-    log = MetricsLog(run / "metrics.jsonl", resume_step=start)
+    log = MetricsLog(run / "metrics.jsonl", resume_step=start, write=primary)
     peak = measure_matmul_peak()
     rows_per_step = tc.batch_size * tc.grad_accum
     flops_per_token = training_flops_per_token(config.model, config.data.seq_len)
     record = lambda step: {"step": step, "data_position": step * rows_per_step, "seed": tc.seed}
     speeds, mfus, status, step, validation = [], [], "finished", start, None
     stop = _StopRequest()
-    bar = tqdm(total=tc.steps, initial=start, disable=not progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=tc.steps, initial=start, disable=not (progress and primary), unit="step", dynamic_ncols=True)
     try:
         for step in range(start + 1, tc.steps + 1):
-            batch = batch_at(corpus.train, step - 1, rows_per_step, tc.seed)
-            shape = (tc.grad_accum, tc.batch_size, -1)
+            index = batch_indices(len(corpus.train.tokens), step - 1, rows_per_step, tc.seed)
+            batch = batch_on_mesh(*corpus.train, index.reshape(tc.grad_accum, tc.batch_size), mesh)
             tick = time.perf_counter()
-            metrics = train_step(model, optimizer, batch.tokens.reshape(shape), batch.segment_ids.reshape(shape))
+            metrics = steps.train(*batch)
             loss, grad_norm = float(metrics.loss), float(metrics.grad_norm)
             seconds = time.perf_counter() - tick
             if not (math.isfinite(loss) and math.isfinite(grad_norm)):
@@ -158,7 +165,7 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
             bar.update(1)
             bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", kv=" ".join(f"{f:.2f}" for f in kv))
             if step % tc.eval_every == 0 or step == tc.steps:
-                validation = evaluate(model, corpus.validation, corpus.bytes_per_token, tc.batch_size, tc.eval_batches)
+                validation = evaluate(steps, corpus.validation, corpus.bytes_per_token, tc.batch_size, tc.eval_batches)
                 log.write({"kind": "eval", "step": step, "loss": validation.loss, "bpb": validation.bpb,
                            "kv_fraction": validation.kv_fraction})
             if step % tc.save_every == 0 or step == tc.steps or stop.requested:
@@ -171,14 +178,16 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
         stop.close()
         checkpoints.wait()
         checkpoints.close()
-    plot_run(run, config.model.kv_target)
+    if primary:
+        plot_run(run, config.model.kv_target)
     if status == "interrupted":
         validation = None
     elif validation is None or tc.eval_batches:  # the final step's evaluation was partial or did not run here
-        validation = evaluate(model, corpus.validation, corpus.bytes_per_token, tc.batch_size)
+        validation = evaluate(steps, corpus.validation, corpus.bytes_per_token, tc.batch_size)
     median = lambda xs: statistics.median(xs) if xs else float("nan")
     summary = RunSummary(status, step, validation, median(speeds), median(mfus), time.perf_counter() - started)
-    write_summary(run, summary, peak)
+    if primary:
+        write_summary(run, summary, peak)
     return summary
 
 
@@ -190,21 +199,30 @@ def write_summary(run: pathlib.Path, summary: RunSummary, peak_flops: float) -> 
     (run / "summary.json").write_text(json.dumps(record, indent=2) + "\n")
 
 
+def _restore(run_dir: str, model: LanguageModel, optimizer: nnx.Optimizer, step: int | None) -> int:
+    """Load a run's checkpoint `step` (default: the latest) into model and optimizer, keeping their
+    layout; returns its step."""
+    checkpoints = Checkpoints(f"{run_dir}/checkpoints", async_save=False)
+    try:
+        return checkpoints.restore(model, optimizer, step)["step"]
+    finally:
+        checkpoints.close()
+
+
 def load_model(run_dir: str, step: int | None = None) -> tuple[LanguageModel, RunConfig, int]:
     """The model of a run's checkpoint (default: the latest), its run config and its step.
     ValueError when the checkpoint does not fit the run's config.json."""
     config = load_run_config(run_dir)
     model, optimizer = build(config)
-    checkpoints = Checkpoints(f"{run_dir}/checkpoints", async_save=False)
-    try:
-        step = checkpoints.restore(model, optimizer, step)["step"]
-    finally:
-        checkpoints.close()
-    return model, config, step
+    return model, config, _restore(run_dir, model, optimizer, step)
 
 
 def evaluate_checkpoint(run_dir: str, step: int | None = None, max_batches: int = 0) -> tuple[int, Evaluation]:
-    """Validation loss, bits per byte and KV fraction of a run's checkpoint (default: the latest)."""
-    model, config, step = load_model(run_dir, step)
+    """Validation loss, bits per byte and KV fraction of a run's checkpoint (default: the latest),
+    data parallel over all devices whatever mesh the run was trained on."""
+    config = load_run_config(run_dir)
+    model, optimizer = build(config)
+    steps = MeshSteps(model, optimizer, make_mesh())
+    step = _restore(run_dir, model, optimizer, step)
     corpus = load_corpus(config)
-    return step, evaluate(model, corpus.validation, corpus.bytes_per_token, config.train.batch_size, max_batches)
+    return step, evaluate(steps, corpus.validation, corpus.bytes_per_token, config.train.batch_size, max_batches)

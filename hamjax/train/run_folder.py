@@ -8,9 +8,10 @@ import pathlib
 from hamjax.train.config import RunConfig, config_from_dict, config_to_dict, resume_conflicts
 
 
-def prepare_run_folder(config: RunConfig) -> pathlib.Path:
-    """Create the folder and write config.json; where the folder already holds a checkpoint, first
-    check that its run used the same config (ValueError naming the fields that differ)."""
+def prepare_run_folder(config: RunConfig, *, write: bool = True) -> pathlib.Path:
+    """Create the folder and write config.json (unless not `write`: the other processes of a
+    multi-process run); where the folder already holds a checkpoint, first check that its run used
+    the same config (ValueError naming the fields that differ)."""
     run = pathlib.Path(config.run_dir)
     path = run / "config.json"
     checkpoints = run / "checkpoints"
@@ -22,8 +23,9 @@ def prepare_run_folder(config: RunConfig) -> pathlib.Path:
                 f"{run} holds a run with another config ({'; '.join(conflicts)}); "
                 "pass another --run_dir or use the saved settings to resume"
             )
-    run.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
+    if write:
+        run.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config_to_dict(config), indent=2) + "\n")
     return run
 
 
@@ -36,14 +38,18 @@ def load_run_config(run_dir: str | pathlib.Path) -> RunConfig:
 
 class MetricsLog:
     """metrics.jsonl, append-only; on resume from `resume_step`, records of later steps (written
-    after that checkpoint by the interrupted run) are dropped first, so the log matches the state."""
+    after that checkpoint by the interrupted run) are dropped first, so the log matches the state.
+    With write=False (the other processes of a multi-process run) it touches nothing."""
 
-    def __init__(self, path: str | pathlib.Path, resume_step: int = 0):
-        self.path = pathlib.Path(path)
-        kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
-        self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
+    def __init__(self, path: str | pathlib.Path, resume_step: int = 0, *, write: bool = True):
+        self.path, self.enabled = pathlib.Path(path), write
+        if write:
+            kept = [r for r in read_metrics(self.path) if r["step"] <= resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept))
 
     def write(self, record: dict) -> None:
+        if not self.enabled:
+            return
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
 

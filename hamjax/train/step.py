@@ -3,6 +3,7 @@ accumulation over micro-batches, one optimizer update and one threshold-controll
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -10,9 +11,11 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from hamjax.data import target_mask
 from hamjax.nn.model import LanguageModel
+from hamjax.train import sharding
 
 
 class StepMetrics(NamedTuple):
@@ -38,9 +41,8 @@ def _loss_sum(model: LanguageModel, rows, segment_ids):
     return jnp.sum(jnp.where(target_mask(segment_ids), losses, 0.0)), stats
 
 
-@nnx.jit
-def train_step(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_ids) -> StepMetrics:
-    """rows, segment_ids [A, B, T + 1] (A micro-batches): the mean loss over all scored targets,
+def _train_update(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_ids) -> StepMetrics:
+    """The body of train_step. rows, segment_ids [A, B, T + 1] (A micro-batches): the mean loss over all scored targets,
     its gradient accumulated over the micro-batches, one AdamW update, then one controller step
     per HAM layer with the KV fraction measured over the whole batch."""
     tokens = jnp.sum(target_mask(segment_ids.reshape(-1, segment_ids.shape[-1])))
@@ -57,15 +59,73 @@ def train_step(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_ids
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     grads, (losses, fractions) = jax.lax.scan(micro_step, zeros, (rows, segment_ids))
+    return _apply_update(model, optimizer, grads, jnp.sum(losses), tokens, jnp.mean(fractions, axis=0))
+
+
+def _apply_update(model: LanguageModel, optimizer: nnx.Optimizer, grads, loss, tokens, kv_fraction) -> StepMetrics:
+    """The tail every training step shares: one optimizer update with the gradient of the mean loss,
+    then one controller step per HAM layer from kv_fraction [L_ham] measured over the whole batch."""
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
-    kv_fraction = jnp.mean(fractions, axis=0)
     model.update_thresholds(kv_fraction)
-    return StepMetrics(jnp.sum(losses), tokens, grad_norm, kv_fraction, model.taus())
+    return StepMetrics(loss, tokens, grad_norm, kv_fraction, model.taus())
 
 
-@nnx.jit
-def eval_step(model: LanguageModel, rows, segment_ids):
+def _eval_sums(model: LanguageModel, rows, segment_ids):
     """rows, segment_ids [B, T + 1] -> (summed loss, scored targets, kv_fraction [L_ham])."""
     loss_sum, stats = _loss_sum(model, rows, segment_ids)
     return loss_sum, jnp.sum(target_mask(segment_ids)), stats.kv_fraction
+
+
+train_step = nnx.jit(_train_update)
+eval_step = nnx.jit(_eval_sums)
+
+
+class MeshSteps:
+    """train_step and eval_step for a model and optimizer laid out on a mesh. The constructor places
+    their state by hamjax.train.sharding's rules; batches come in as global arrays
+    (sharding.global_rows); each step's updated state keeps that layout (the old state is donated)
+    and the model and optimizer objects are updated in place, as by train_step."""
+
+    def __init__(self, model: LanguageModel, optimizer: nnx.Optimizer, mesh: Mesh):
+        self.objects, self.mesh = (model, optimizer), mesh
+        graphdef, state = nnx.split(self.objects)
+        shardings = sharding.state_shardings(state, mesh)
+        nnx.update(self.objects, sharding.place(state, shardings))
+        leaves, treedef = jax.tree.flatten(shardings)
+        replicated = NamedSharding(mesh, P())
+        self._train = _compiled_train(graphdef, treedef, tuple(leaves), sharding.batch_sharding(mesh, 3), replicated)
+        self._eval = _compiled_eval(graphdef, treedef, tuple(leaves), replicated)
+
+    def train(self, rows, segment_ids) -> StepMetrics:
+        """rows, segment_ids [A, B, T + 1] global arrays -> StepMetrics (see train_step)."""
+        state, metrics = self._train(nnx.state(self.objects), rows, segment_ids)
+        nnx.update(self.objects, state)
+        return metrics
+
+    def evaluate(self, rows, segment_ids):
+        """rows, segment_ids [B, T + 1] global arrays -> (summed loss, scored targets, kv_fraction)."""
+        return self._eval(nnx.state(self.objects), rows, segment_ids)
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_train(graphdef, treedef, leaves, batch: NamedSharding, replicated: NamedSharding):
+    def step(state, rows, segment_ids):
+        model, optimizer = nnx.merge(graphdef, state)
+        metrics = _train_update(model, optimizer, rows, segment_ids)
+        return nnx.state((model, optimizer)), metrics
+
+    shardings = jax.tree.unflatten(treedef, leaves)
+    return jax.jit(
+        step, in_shardings=(shardings, batch, batch), out_shardings=(shardings, replicated), donate_argnums=0
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_eval(graphdef, treedef, leaves, replicated: NamedSharding):
+    def evaluate(state, rows, segment_ids):
+        model, _ = nnx.merge(graphdef, state)
+        return _eval_sums(model, rows, segment_ids)
+
+    return jax.jit(evaluate, in_shardings=(jax.tree.unflatten(treedef, leaves), None, None), out_shardings=replicated)
+
