@@ -110,7 +110,7 @@ def all_finite(tree) -> bool:
 
 class StopAfter:
     """Stands in for loop._StopRequest: the "Ctrl-C" arrives during train step `n` of this process
-    (counted by the wrapped train_step installed by `stop_after`)."""
+    (counted by the wrapped MeshSteps.train installed by `stop_after`)."""
 
     instances: list = []
 
@@ -124,7 +124,7 @@ class StopAfter:
 
 def stop_after(monkeypatch, n: int) -> None:
     calls = []
-    real_step = loop.train_step
+    real_step = loop.MeshSteps.train
 
     def counting_step(*args):
         metrics = real_step(*args)
@@ -134,7 +134,7 @@ def stop_after(monkeypatch, n: int) -> None:
         return metrics
 
     monkeypatch.setattr(loop, "_StopRequest", StopAfter)
-    monkeypatch.setattr(loop, "train_step", counting_step)
+    monkeypatch.setattr(loop.MeshSteps, "train", counting_step)
 
 
 @pytest.fixture(scope="module")
@@ -578,14 +578,14 @@ def test_ctrl_c_saves_and_the_same_command_resumes(background_runs, monkeypatch,
     assert checkpoint_listing(run_dir) == ([stopped], [])
 
     # The same command again resumes from that step: let it take one step, then Ctrl-C once more.
-    real_step = loop.train_step
+    real_step = loop.MeshSteps.train
 
     def step_then_ctrl_c(*args):
         metrics = real_step(*args)
         signal.raise_signal(signal.SIGINT)
         return metrics
 
-    monkeypatch.setattr(loop, "train_step", step_then_ctrl_c)
+    monkeypatch.setattr(loop.MeshSteps, "train", step_then_ctrl_c)
     handler = signal.getsignal(signal.SIGINT)
     assert main([*CTRL_C_ARGV, "--run_dir", str(run_dir)]) == 130
     assert signal.getsignal(signal.SIGINT) is handler  # the caller's handler is back
