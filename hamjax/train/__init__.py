@@ -5,7 +5,15 @@ from hamjax.train.checkpoint import Checkpoints
 from hamjax.train.config import PRESETS, DataConfig, RunConfig, TrainConfig, preset
 from hamjax.train.loop import Evaluation, NonFiniteLoss, RunSummary, evaluate, evaluate_checkpoint, load_model, train
 from hamjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
-from hamjax.train.step import StepMetrics, bits_per_byte, eval_step, train_step
+from hamjax.train.step import (
+    RecallEvaluation,
+    StepMetrics,
+    bits_per_byte,
+    eval_step,
+    recall_evaluate,
+    recall_train_step,
+    train_step,
+)
 
 __all__ = [
     "PRESETS",
@@ -13,6 +21,7 @@ __all__ = [
     "DataConfig",
     "Evaluation",
     "NonFiniteLoss",
+    "RecallEvaluation",
     "RunConfig",
     "RunSummary",
     "StepMetrics",
@@ -25,6 +34,8 @@ __all__ = [
     "load_model",
     "make_optimizer",
     "preset",
+    "recall_evaluate",
+    "recall_train_step",
     "train",
     "train_step",
     "weight_decay_mask",

@@ -9,11 +9,12 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from hamjax.data import target_mask
+from hamjax.data import IGNORE_INDEX, recall_accuracy, target_mask
 from hamjax.nn.model import LanguageModel
 from hamjax.train import sharding
 
@@ -129,3 +130,58 @@ def _compiled_eval(graphdef, treedef, leaves, replicated: NamedSharding):
 
     return jax.jit(evaluate, in_shardings=(jax.tree.unflatten(treedef, leaves), None, None), out_shardings=replicated)
 
+
+# Recall tasks (MQAR, pass key): inputs [B, T] with aligned targets [B, T], IGNORE_INDEX where unscored.
+
+
+def _recall_loss_sum(model: LanguageModel, inputs, targets):
+    """inputs, targets [B, T] -> (summed cross-entropy over the scored targets, logits [B, T, vocab],
+    ModelStats). Every row is one document: no segment ids, which the model treats as segment ids
+    all equal (no state reset) without the segment masks, which XLA would constant-fold slowly."""
+    logits, stats = model(inputs)
+    scored = targets != IGNORE_INDEX
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits, jnp.where(scored, targets, 0))
+    return jnp.sum(jnp.where(scored, losses, 0.0)), (logits, stats)
+
+
+@nnx.jit
+def recall_train_step(model: LanguageModel, optimizer: nnx.Optimizer, inputs, targets) -> StepMetrics:
+    """inputs [B, T] int32 and targets [B, T] int32 (the token to predict after inputs[t], IGNORE_INDEX
+    where unscored): the mean cross-entropy over the scored targets, one optimizer update, then one
+    controller step per HAM layer with the batch's KV fraction, as train_step. StepMetrics.tokens
+    counts the scored targets."""
+    scored = jnp.sum(targets != IGNORE_INDEX)
+    scale = 1.0 / jnp.maximum(scored, 1)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+        loss_sum, (_, stats) = _recall_loss_sum(nnx.merge(graphdef, params, rest), inputs, targets)
+        return loss_sum * scale, stats
+
+    (loss_value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return _apply_update(model, optimizer, grads, loss_value, scored, stats.kv_fraction)
+
+
+@nnx.jit
+def _recall_predict(model: LanguageModel, inputs, targets):
+    loss_sum, (logits, stats) = _recall_loss_sum(model, inputs, targets)
+    return jnp.argmax(logits, axis=-1), loss_sum, stats.kv_fraction
+
+
+class RecallEvaluation(NamedTuple):
+    """accuracy: argmax accuracy over the scored targets (hamjax.data.recall_accuracy); loss: mean
+    cross-entropy over them in nats; kv_fraction [L_ham]: admitted / tokens per HAM layer."""
+
+    accuracy: float
+    loss: float
+    kv_fraction: np.ndarray
+
+
+def recall_evaluate(model: LanguageModel, inputs, targets) -> RecallEvaluation:
+    """inputs, targets [B, T] as for recall_train_step -> RecallEvaluation of the model as it is (the
+    thresholds are not moved)."""
+    predictions, loss_sum, kv_fraction = _recall_predict(model, jnp.asarray(inputs), jnp.asarray(targets))
+    scored = int(np.sum(np.asarray(targets) != IGNORE_INDEX))
+    return RecallEvaluation(
+        recall_accuracy(predictions, targets), float(loss_sum) / max(scored, 1), np.asarray(kv_fraction)
+    )

@@ -1,0 +1,161 @@
+"""experiments/mqar.py and the recall training step it uses (hamjax.train.recall_train_step,
+recall_evaluate): `--quick` writes its results and plot; the step's loss, update and thresholds
+equal slow, obviously correct computations.
+
+The step tests use the quick run's Transformer and HAM configs and batch shapes, so that they reuse
+its compiled steps (the compilations are most of this file's time)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import pathlib
+import sys
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from hamjax.data import IGNORE_INDEX, MQARConfig, mqar_batch, recall_accuracy
+from hamjax.nn import LanguageModel
+from hamjax.train import make_optimizer, recall_evaluate, recall_train_step
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("mqar_experiment", ROOT / "experiments" / "mqar.py")
+mqar = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = mqar  # dataclasses look their module up there
+_spec.loader.exec_module(mqar)
+
+QUICK = mqar.QUICK
+SEQ_LEN, NUM_PAIRS = QUICK.tasks[1]
+TASK = MQARConfig(vocab_size=QUICK.vocab_size, seq_len=SEQ_LEN, num_pairs=NUM_PAIRS)
+LR = QUICK.learning_rates[0]
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    path = tmp_path_factory.mktemp("mqar") / "mqar.json"
+    mqar.main(["--quick", "--output", str(path)])
+    return path, json.loads(path.read_text())
+
+
+def test_quick_run_writes_every_run_the_best_and_a_plot(quick):
+    path, record = quick
+    assert path.with_suffix(".png").stat().st_size > 0
+    names = [m["name"] for m in mqar.models(QUICK)]
+    assert record["quick"] is True and record["setting"]["tasks"] == [list(t) for t in QUICK.tasks]
+    assert len(record["runs"]) == len(QUICK.tasks) * len(names) * len(QUICK.learning_rates)
+    for run in record["runs"]:
+        assert run["model"] in names and 0.0 <= run["accuracy"] <= 1.0 and run["seconds"] > 0
+        assert 1 <= run["steps"] <= QUICK.steps and run["history"][-1]["step"] == run["steps"]
+        assert run["learning_rate"] in QUICK.learning_rates
+        layers = run["kv_fraction_per_layer"]
+        assert len(layers) == 2 and run["kv_fraction"] == pytest.approx(np.mean(layers))
+        if run["pattern"] == "ham,ham":
+            assert layers == pytest.approx(run["ham_kv_fraction"]) and len(run["tau"]) == 2
+            assert all(0.0 <= f <= 1.0 for f in layers)
+        else:
+            assert run["ham_kv_fraction"] == [] and layers == [1.0, 1.0]  # the quick baseline: a Transformer
+    best = {(b["model"], b["task"]["seq_len"], b["task"]["num_pairs"]) for b in record["best"]}
+    assert best == {(name, t, n) for name in names for t, n in QUICK.tasks}
+    table = mqar.summary(record)
+    assert len(table.splitlines()) == 2 + len(best) and "| HAM 0.25 |" in table
+
+
+def test_kv_fraction_per_layer():
+    config = mqar.model_config(mqar.FULL, "gdn,swa", None, 64)
+    assert mqar.layer_kv_fractions(config, 64, []) == [0.0, mqar.FULL.window / 64]
+    assert mqar.layer_kv_fractions(config, 8, []) == [0.0, 1.0]  # a window longer than the row holds it all
+    config = mqar.model_config(mqar.FULL, "ham,attention", 0.1, 64)
+    assert mqar.layer_kv_fractions(config, 64, np.array([0.125])) == [0.125, 1.0]
+
+
+def test_the_sweep_continues_a_solved_run_else_the_lowest_loss_and_reports_the_best_accuracy():
+    run = lambda loss, accuracy: types.SimpleNamespace(solved=accuracy >= mqar.STOP_ACCURACY, last=dict(loss=loss))
+    low, solved = run(0.5, 0.6), run(0.9, 0.995)
+    assert mqar.choose([run(1.0, 0.7), low]) is low
+    assert mqar.choose([low, solved]) is solved
+    task = dict(seq_len=64, num_pairs=8)
+    record = lambda lr, accuracy, loss: dict(
+        model="GDN", task=task, learning_rate=lr, accuracy=accuracy, eval_loss=loss, kv_fraction=0.0,
+        kv_fraction_per_layer=[0.0, 0.0], steps=10, solved=False, seconds=2.0,
+    )
+    (best,) = mqar.best_runs([record(1e-3, 0.5, 1.0), record(1e-2, 0.7, 2.0), record(3e-2, 0.7, 1.5)])
+    assert best["learning_rate"] == 3e-2 and best["sweep_seconds"] == 6.0
+
+
+def _setup(pattern: str, kv_target: float | None):
+    """The quick run's model and optimizer for this pattern."""
+    config = mqar.model_config(QUICK, pattern, kv_target, SEQ_LEN)
+    model = LanguageModel(config, rngs=nnx.Rngs(0))
+    return model, make_optimizer(model, mqar.train_config(QUICK, LR, 0))
+
+
+def _batch(seed: int):
+    inputs, targets = mqar_batch(TASK, QUICK.batch_size, seed)
+    assert (targets == IGNORE_INDEX).any() and (targets != IGNORE_INDEX).any()
+    return jnp.asarray(inputs), jnp.asarray(targets)
+
+
+def _masked_cross_entropy(logits: np.ndarray, targets: np.ndarray) -> float:
+    """float64 NumPy: the mean over scored positions of log sum exp(logits) - logits[target]."""
+    b, t = np.nonzero(targets != IGNORE_INDEX)
+    rows = logits[b, t].astype(np.float64)
+    top = rows.max(axis=-1)
+    log_z = top + np.log(np.exp(rows - top[:, None]).sum(axis=-1))
+    return float(np.mean(log_z - rows[np.arange(len(b)), targets[b, t]]))
+
+
+def test_recall_loss_and_evaluation_equal_numpy_on_the_logits():
+    model, optimizer = _setup("attention,attention", None)
+    inputs, targets = _batch(1)
+    forward = nnx.jit(lambda model, inputs, segment_ids: model(inputs, segment_ids=segment_ids)[0])
+    logits = np.asarray(forward(model, inputs, jnp.ones_like(inputs)))  # one document per row
+    expected = _masked_cross_entropy(logits, np.asarray(targets))
+
+    evaluation = recall_evaluate(model, inputs, targets)
+    assert evaluation.loss == pytest.approx(expected, rel=1e-5)
+    assert evaluation.accuracy == recall_accuracy(logits, targets) and evaluation.kv_fraction.shape == (0,)
+
+    metrics = recall_train_step(model, optimizer, inputs, targets)  # the loss before its own update
+    assert float(metrics.loss) == pytest.approx(expected, rel=1e-5)
+    assert int(metrics.tokens) == QUICK.batch_size * NUM_PAIRS
+
+
+def test_recall_update_equals_the_gradient_of_the_loss_over_the_scored_positions_only():
+    model, optimizer = _setup("attention,attention", None)
+    reference, reference_optimizer = _setup("attention,attention", None)
+    inputs, targets = _batch(2)
+    rows, cols = np.nonzero(np.asarray(targets) != IGNORE_INDEX)
+    labels = np.asarray(targets)[rows, cols]
+    graphdef, params, rest = nnx.split(reference, nnx.Param, ...)
+
+    def scored_loss(params):  # gathers the scored positions: the others cannot enter it
+        logits = nnx.merge(graphdef, params, rest)(inputs)[0][rows, cols]
+        return -jnp.mean(jax.nn.log_softmax(logits)[np.arange(len(labels)), labels])
+
+    grads = jax.jit(jax.grad(scored_loss))(params)
+    nnx.jit(lambda optimizer, model, grads: optimizer.update(model, grads))(reference_optimizer, reference, grads)
+    metrics = recall_train_step(model, optimizer, inputs, targets)
+
+    assert float(metrics.grad_norm) == pytest.approx(float(jnp.sqrt(sum(jnp.sum(g**2) for g in jax.tree.leaves(grads)))), rel=1e-4)
+    for got, want in zip(jax.tree.leaves(nnx.state(model, nnx.Param)), jax.tree.leaves(nnx.state(reference, nnx.Param))):
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+
+
+def test_recall_step_moves_the_thresholds_as_the_controller_does_from_the_batch_kv_fraction():
+    model, optimizer = _setup("ham,ham", 0.25)
+    before, _ = _setup("ham,ham", 0.25)
+    inputs, targets = _batch(3)
+    measured = recall_evaluate(before, inputs, targets).kv_fraction  # the same parameters, before the update
+    assert np.asarray(before.taus()) == pytest.approx(np.asarray(model.taus()))  # evaluation moves no threshold
+
+    metrics = recall_train_step(model, optimizer, inputs, targets)
+    np.testing.assert_allclose(metrics.kv_fraction, measured, rtol=1e-6)
+    before.update_thresholds(jnp.asarray(measured))  # what train_step does after its update
+    np.testing.assert_allclose(model.taus(), before.taus(), rtol=1e-6)
+    np.testing.assert_allclose(metrics.tau, model.taus())
+    assert not np.allclose(model.taus(), mqar.model_config(QUICK, "ham,ham", 0.25, SEQ_LEN).tau_init)
