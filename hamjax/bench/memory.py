@@ -5,9 +5,9 @@
 
 The `small` preset's model shape, one row per step (A = B = 1): HAM (the preset: dense routed
 attention, T x T masked), HAM with compacted routed attention (T x buffer), a Transformer (pattern
-"attention") and GDN. For each model and T the training step (`hamjax.train.train_step`
-with its optimizer update, wrapped as a function of the model and optimizer state so that it can
-be lowered) is compiled, and XLA's memory analysis of it gives argument, output, temp and alias
+"attention") and GDN. For each model and T the training step (`hamjax.train.step.state_train_step`:
+train_step with its optimizer update, as a function of the model and optimizer state) is compiled,
+and XLA's memory analysis of it gives argument, output, temp and alias
 bytes and peak = argument + output + temp - alias (`common.memory_need`): deterministic, nothing
 is timed. Arguments: parameters, optimizer state and rows; outputs: their updated copies
 (train_step donates nothing); temp: what the backward keeps and the working buffers. On a CPU the
@@ -30,8 +30,9 @@ from hamjax.bench.common import (
     count_every_buffer, loglog_slope, memory_budget, memory_need, parse_args, save_results, synthetic_rows, variant,
 )
 from hamjax.bench.train_step import MODELS
-from hamjax.train import PRESETS, train_step
+from hamjax.train import PRESETS
 from hamjax.train.loop import build
+from hamjax.train.step import state_train_step
 
 DEFAULT_OUTPUT = "runs/bench/memory.json"
 NAMES = ("ham", "ham_compacted", "transformer", "gdn")
@@ -42,16 +43,9 @@ MIB = 2**20
 def compiled_step(config):
     """(the training step of a freshly built model on one synthetic row of config's seq_len,
     compiled as a function (state, rows, segment_ids) -> (new state, StepMetrics), its arguments)."""
-    model, optimizer = build(config)
-    graphdef, state = nnx.split((model, optimizer))
-
-    def step(state, rows, segment_ids):
-        model, optimizer = nnx.merge(graphdef, state)
-        metrics = train_step(model, optimizer, rows, segment_ids)
-        return nnx.state((model, optimizer)), metrics
-
+    graphdef, state = nnx.split(build(config))
     args = (state, *synthetic_rows(1, 1, config.data.seq_len, config.model.vocab_size))
-    return jax.jit(step).lower(*args).compile(compiler_options=count_every_buffer()), args
+    return jax.jit(state_train_step(graphdef)).lower(*args).compile(compiler_options=count_every_buffer()), args
 
 
 def device_peak(compiled, args, need: int) -> int | None:

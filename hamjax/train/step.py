@@ -109,16 +109,24 @@ class MeshSteps:
         return self._eval(nnx.state(self.objects), rows, segment_ids)
 
 
-@functools.lru_cache(maxsize=8)
-def _compiled_train(graphdef, treedef, leaves, batch: NamedSharding, replicated: NamedSharding):
+def state_train_step(graphdef):
+    """train_step as a pure function of the (model, optimizer) state of `graphdef`:
+    (state, rows, segment_ids) -> (updated state, StepMetrics), for jax.jit and lowering."""
+
     def step(state, rows, segment_ids):
         model, optimizer = nnx.merge(graphdef, state)
         metrics = _train_update(model, optimizer, rows, segment_ids)
         return nnx.state((model, optimizer)), metrics
 
+    return step
+
+
+@functools.lru_cache(maxsize=8)
+def _compiled_train(graphdef, treedef, leaves, batch: NamedSharding, replicated: NamedSharding):
     shardings = jax.tree.unflatten(treedef, leaves)
     return jax.jit(
-        step, in_shardings=(shardings, batch, batch), out_shardings=(shardings, replicated), donate_argnums=0
+        state_train_step(graphdef), in_shardings=(shardings, batch, batch), out_shardings=(shardings, replicated),
+        donate_argnums=0,
     )
 
 
