@@ -76,11 +76,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from matplotlib.figure import Figure
 from tqdm import tqdm
 
 from hamjax.data import MQARConfig, mqar_batch
 from hamjax.nn import LanguageModel, ModelConfig
 from hamjax.train import TrainConfig, make_optimizer, preset, recall_evaluate, recall_train_step
+from hamjax.train.plot import plot_against_kv_fraction
 
 DEFAULT_OUTPUT = "experiments/results/mqar_cpu.json"
 HAM_TARGETS = (0.05, 0.1, 0.25, 0.5)
@@ -153,15 +155,6 @@ def train_config(setting: Setting, learning_rate: float, seed: int) -> TrainConf
     )
 
 
-def layer_kv_fractions(config: ModelConfig, seq_len: int, ham_fractions) -> list[float]:
-    """The fraction of a row's T tokens each layer holds in its KV cache at the end of the row:
-    attention 1, sliding window min(window, T) / T, GDN 0, HAM the measured ham_fractions in order."""
-    ham = iter(np.asarray(ham_fractions, np.float64).tolist())
-    per_kind = {"attention": lambda: 1.0, "swa": lambda: min(config.window, seq_len) / seq_len,
-                "gdn": lambda: 0.0, "ham": lambda: next(ham)}
-    return [per_kind[kind]() for kind in config.mixers]
-
-
 def evaluate(model: LanguageModel, task: MQARConfig, setting: Setting) -> dict:
     """Accuracy, mean loss and HAM KV fraction per layer over the held-out batches."""
     results = [
@@ -210,7 +203,7 @@ class Run:
         self.seconds += time.perf_counter() - start
 
     def record(self, continued: bool) -> dict:
-        layers = layer_kv_fractions(self.config, self.task.seq_len, self.last["ham_kv_fraction"])
+        layers = self.config.kv_fractions(self.task.seq_len, self.last["ham_kv_fraction"])
         return dict(
             model=self.spec["name"], pattern=self.spec["pattern"], kv_target=self.spec["kv_target"],
             task=dict(seq_len=self.task.seq_len, num_pairs=self.task.num_pairs, vocab_size=self.task.vocab_size),
@@ -245,41 +238,28 @@ def best_runs(runs: list[dict]) -> list[dict]:
         seconds[key] = seconds.get(key, 0.0) + run["seconds"]
         if key not in best or (run["accuracy"], -run["eval_loss"]) > (best[key]["accuracy"], -best[key]["eval_loss"]):
             best[key] = run
-    fields = ("model", "task", "learning_rate", "accuracy", "kv_fraction", "kv_fraction_per_layer", "steps", "solved")
+    fields = ("model", "kv_target", "task", "learning_rate", "accuracy", "kv_fraction", "kv_fraction_per_layer", "steps", "solved")
     return [dict({name: run[name] for name in fields}, sweep_seconds=seconds[key]) for key, run in best.items()]
 
 
 def plot(best: list[dict], path: str) -> None:
     """One panel per task: accuracy against KV fraction; HAM a line over its targets, the
     baselines labelled points."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = sorted({(r["task"]["seq_len"], r["task"]["num_pairs"]) for r in best})
-    fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.4), squeeze=False)
-    styles = {"Transformer": ("s", "C0"), "GDN": ("o", "C1"), "GDN + SWA": ("^", "C2"), "GDN + attention": ("D", "C4")}
+    fig = Figure(figsize=(6.5 * len(tasks), 4.4))
+    axes = fig.subplots(1, len(tasks), squeeze=False)
     for ax, (t, n) in zip(axes[0], tasks):
         rows = [r for r in best if (r["task"]["seq_len"], r["task"]["num_pairs"]) == (t, n)]
-        ham = sorted((r for r in rows if r["model"].startswith("HAM")), key=lambda r: r["kv_fraction"])
-        if ham:
-            ax.plot([r["kv_fraction"] for r in ham], [r["accuracy"] for r in ham], "-o", color="C3", label="HAM")
-            for r in ham:
-                ax.annotate(f"target {r['model'].split()[1]}", (r["kv_fraction"], r["accuracy"]), fontsize=7,
-                            textcoords="offset points", xytext=(4, -10))
-        for r in (r for r in rows if not r["model"].startswith("HAM")):
-            marker, color = styles[r["model"]]
-            ax.plot(r["kv_fraction"], r["accuracy"], marker, color=color, label=r["model"])
-            ax.annotate(r["model"], (r["kv_fraction"], r["accuracy"]), fontsize=7, textcoords="offset points",
-                        xytext=(4, 4))
+        plot_against_kv_fraction(
+            ax, [(r["kv_fraction"], r["accuracy"], r["kv_target"]) for r in rows if r["kv_target"] is not None],
+            [(r["model"], r["kv_fraction"], r["accuracy"]) for r in rows if r["kv_target"] is None],
+        )
         ax.axhline(STOP_ACCURACY, color="grey", lw=0.6, ls=":")
-        ax.set(xlabel="KV fraction (mean over layers of tokens held in a KV cache)", ylabel="accuracy (best LR)",
+        ax.set(ylabel="accuracy (best LR)",
                title=f"MQAR T={t}, N={n} pairs", xlim=(-0.05, 1.25), ylim=(-0.02, 1.02))
         ax.legend(fontsize=7, loc="center right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None) -> dict:

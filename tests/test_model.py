@@ -93,7 +93,16 @@ def test_every_pattern_builds_and_runs(pattern):
     assert stats.kv_fraction_per_head.shape == (n_ham, HEADS)
     assert np.all((stats.kv_fraction >= 0) & (stats.kv_fraction <= 1))
     np.testing.assert_allclose(stats.kv_fraction, np.mean(stats.kv_fraction_per_head, axis=1), rtol=1e-6)
+    assert stats.admitted.shape == (n_ham, 3, T, HEADS) and stats.admitted.dtype == jnp.bool_
+    np.testing.assert_allclose(np.mean(stats.admitted, axis=(1, 2)), stats.kv_fraction_per_head, rtol=1e-6)  # no padding
     assert model.taus().shape == (n_ham,)
+
+
+def test_kv_fractions_per_layer_follow_the_mixers():
+    model_config = config("gdn,swa,ham,attention", n_layers=5)  # window 8
+    assert model_config.kv_fractions(32, np.array([0.125])) == [0.0, 0.25, 0.125, 1.0, 0.0]
+    assert model_config.kv_fractions(4, [0.5]) == [0.0, 1.0, 0.5, 1.0, 0.0]  # a window longer than the row holds it all
+    assert config("ham,ham").kv_fractions(16, np.array([0.25, 0.75])) == [0.25, 0.75]
 
 
 def test_unknown_mixer_raises():

@@ -65,14 +65,6 @@ def test_quick_run_writes_every_run_the_best_and_a_plot(quick):
     assert len(table.splitlines()) == 2 + len(best) and "| HAM 0.25 |" in table
 
 
-def test_kv_fraction_per_layer():
-    config = mqar.model_config(mqar.FULL, "gdn,swa", None, 64)
-    assert mqar.layer_kv_fractions(config, 64, []) == [0.0, mqar.FULL.window / 64]
-    assert mqar.layer_kv_fractions(config, 8, []) == [0.0, 1.0]  # a window longer than the row holds it all
-    config = mqar.model_config(mqar.FULL, "ham,attention", 0.1, 64)
-    assert mqar.layer_kv_fractions(config, 64, np.array([0.125])) == [0.125, 1.0]
-
-
 def test_the_sweep_continues_a_solved_run_else_the_lowest_loss_and_reports_the_best_accuracy():
     run = lambda loss, accuracy: types.SimpleNamespace(solved=accuracy >= mqar.STOP_ACCURACY, last=dict(loss=loss))
     low, solved = run(0.5, 0.6), run(0.9, 0.995)
@@ -80,7 +72,7 @@ def test_the_sweep_continues_a_solved_run_else_the_lowest_loss_and_reports_the_b
     assert mqar.choose([low, solved]) is solved
     task = dict(seq_len=64, num_pairs=8)
     record = lambda lr, accuracy, loss: dict(
-        model="GDN", task=task, learning_rate=lr, accuracy=accuracy, eval_loss=loss, kv_fraction=0.0,
+        model="GDN", kv_target=None, task=task, learning_rate=lr, accuracy=accuracy, eval_loss=loss, kv_fraction=0.0,
         kv_fraction_per_layer=[0.0, 0.0], steps=10, solved=False, seconds=2.0,
     )
     (best,) = mqar.best_runs([record(1e-3, 0.5, 1.0), record(1e-2, 0.7, 2.0), record(3e-2, 0.7, 1.5)])

@@ -9,6 +9,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from hamjax import ops
@@ -82,6 +83,15 @@ class ModelConfig:
         kinds = tuple(kind.strip() for kind in self.pattern.split(","))
         return tuple(kinds[i % len(kinds)] for i in range(self.n_layers))
 
+    def kv_fractions(self, seq_len: int, ham_fractions) -> list[float]:
+        """The fraction of a row's T = seq_len tokens each layer holds in its KV cache after reading the
+        row: attention 1, sliding window min(window, T) / T, GDN 0, HAM the measured ham_fractions
+        [L_ham] in order (e.g. ModelStats.kv_fraction)."""
+        ham = iter(np.asarray(ham_fractions, np.float64).ravel().tolist())
+        per_kind = {"attention": lambda: 1.0, "swa": lambda: min(self.window, seq_len) / seq_len,
+                    "gdn": lambda: 0.0, "ham": lambda: next(ham)}
+        return [per_kind[kind]() for kind in self.mixers]
+
     @property
     def mlp_width(self) -> int:
         return self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
@@ -94,11 +104,13 @@ class ModelConfig:
 class ModelStats(NamedTuple):
     """Of the HAM layers, in order (L_ham of them): kv_fraction [L_ham], kv_fraction_per_head
     [L_ham, H] (admitted / valid tokens of this call); over_tau [L_ham] (tokens scoring above tau /
-    valid tokens, whether or not the cache had room)."""
+    valid tokens, whether or not the cache had room); admitted [L_ham, B, T, H] bool (which tokens
+    each head wrote to its KV cache)."""
 
     kv_fraction: jax.Array
     kv_fraction_per_head: jax.Array
     over_tau: jax.Array
+    admitted: jax.Array
 
 
 def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -198,7 +210,7 @@ class LanguageModel(nnx.Module):
         caches = [None] * len(self.blocks) if cache is None else list(cache)
         call = lambda blk, x, c, tau: blk(x, cache=c, segment_ids=segment_ids, valid=valid, tau=tau, evict=evict)
         call = nnx.remat(call) if self.config.remat else call
-        fractions, per_head, over_tau = [], [], []
+        fractions, per_head, over_tau, admitted = [], [], [], []
         for i, block in enumerate(self.blocks):
             tau = None if taus is None or block.kind != "ham" else taus[len(fractions)]
             x, caches[i], stats = call(block, x, caches[i], tau)
@@ -206,6 +218,7 @@ class LanguageModel(nnx.Module):
                 fractions.append(stats.kv_fraction)
                 per_head.append(stats.kv_fraction_per_head)
                 over_tau.append(stats.over_tau)
+                admitted.append(stats.admitted)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
         heads = self.config.heads
@@ -213,6 +226,7 @@ class LanguageModel(nnx.Module):
             jnp.stack(fractions) if fractions else jnp.zeros((0,), jnp.float32),
             jnp.stack(per_head) if per_head else jnp.zeros((0, heads), jnp.float32),
             jnp.stack(over_tau) if over_tau else jnp.zeros((0,), jnp.float32),
+            jnp.stack(admitted) if admitted else jnp.zeros((0, *tokens.shape, heads), bool),
         )
         return logits.astype(jnp.float32), tuple(caches), stats
 

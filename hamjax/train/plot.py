@@ -5,12 +5,9 @@ from __future__ import annotations
 
 import pathlib
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from hamjax.train.run_folder import read_metrics  # noqa: E402
+from hamjax.train.run_folder import read_metrics
 
 
 def plot_run(run_dir: str | pathlib.Path, kv_target: float | None = None) -> pathlib.Path:
@@ -19,7 +16,8 @@ def plot_run(run_dir: str | pathlib.Path, kv_target: float | None = None) -> pat
     records = read_metrics(run / "metrics.jsonl")
     train = [r for r in records if r["kind"] == "train"]
     evals = [r for r in records if r["kind"] == "eval"]
-    fig, (ax_loss, ax_kv) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = Figure(figsize=(11, 4))  # not pyplot: the caller's matplotlib backend stays as it is
+    ax_loss, ax_kv = fig.subplots(1, 2)
     ax_loss.plot([r["step"] for r in train], [r["bpb"] for r in train], lw=0.8, label="train")
     ax_loss.plot([r["step"] for r in evals], [r["bpb"] for r in evals], "o-", label="validation")
     ax_loss.set(xlabel="step", ylabel="bits per byte", title="loss")
@@ -37,5 +35,23 @@ def plot_run(run_dir: str | pathlib.Path, kv_target: float | None = None) -> pat
     fig.tight_layout()
     path = run / "plot.png"
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
+
+
+BASELINE_STYLES = {"Transformer": ("s", "C0"), "GDN": ("o", "C1"), "GDN + SWA": ("^", "C2"), "GDN + attention": ("D", "C4")}
+
+
+def plot_against_kv_fraction(ax, ham: list[tuple[float, float, float]], baselines: list[tuple[str, float, float]]) -> None:
+    """Draw a quality metric against KV fraction on a matplotlib Axes: ham holds (kv_fraction, value,
+    kv_target) per HAM model, joined into one line with each point labelled by its target; baselines
+    (name, kv_fraction, value) are labelled markers (styles for the names in BASELINE_STYLES)."""
+    ham = sorted(ham)
+    if ham:
+        ax.plot([f for f, _, _ in ham], [v for _, v, _ in ham], "-o", color="C3", label="HAM")
+        for f, v, target in ham:
+            ax.annotate(f"target {target:g}", (f, v), fontsize=7, textcoords="offset points", xytext=(4, -10))
+    for name, f, v in baselines:
+        marker, color = BASELINE_STYLES.get(name, ("x", "k"))
+        ax.plot(f, v, marker, color=color, label=name)
+        ax.annotate(name, (f, v), fontsize=7, textcoords="offset points", xytext=(4, 4))
+    ax.set_xlabel("KV fraction (mean over layers of tokens held in a KV cache)")
