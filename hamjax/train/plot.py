@@ -1,5 +1,6 @@
-"""The run's picture: bits per byte (training and validation) and KV fraction per HAM layer over
-the steps, from metrics.jsonl."""
+"""Pictures: a run's bits per byte (training and validation) and KV fraction per HAM layer over
+the steps, from metrics.jsonl; a quality metric against KV fraction for the experiments. Drawn on
+matplotlib Figures, never through pyplot, so the caller's backend is left alone."""
 
 from __future__ import annotations
 
