@@ -56,13 +56,10 @@ and running the same command again resumes it.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
-import json
 import os
 import pathlib
-import platform
 import time
 
 import jax
@@ -75,6 +72,8 @@ from hamjax.nn import LanguageModel, ModelConfig
 from hamjax.train import RunConfig, preset, train
 from hamjax.train.plot import plot_against_kv_fraction
 from hamjax.train.run_folder import read_metrics
+
+from experiment_common import KV_FRACTION_DEFINITION, environment, experiment_parser, save, select
 
 DEFAULT_OUTPUT = "experiments/results/lm_sweep_cpu.json"
 HAM_TARGETS = (0.05, 0.1, 0.25, 0.5, 1.0)
@@ -203,21 +202,16 @@ def plot(records: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps, for the tests")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="results JSON; the plot goes next to it as .png")
+    parser = experiment_parser(__doc__, DEFAULT_OUTPUT)
     parser.add_argument("--run_dir", help="root of the run folders (default runs/lm_sweep, runs/lm_sweep_quick)")
     parser.add_argument("--steps", type=int, help="training steps per run (default: the setting's)")
-    parser.add_argument("--models", nargs="+", help="run only these contenders (names as in the results)")
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data-order seed, shared by all")
     args = parser.parse_args(argv)
     setting = QUICK if args.quick else FULL
     if args.steps:
         setting = dataclasses.replace(setting, steps=args.steps, warmup_steps=min(setting.warmup_steps, args.steps))
     run_root = args.run_dir or ("runs/lm_sweep_quick" if args.quick else "runs/lm_sweep")
-    specs = [m for m in contenders(setting) if not args.models or m["name"] in args.models]
-    if not specs:
-        raise SystemExit(f"--models matches none of {[m['name'] for m in contenders(setting)]}")
+    specs = select(contenders(setting), args.models)
     reference = parameter_count(model_config(setting, BASELINES["Transformer"], None))
     start, records = time.perf_counter(), []
     with tqdm(total=len(specs), desc="LM sweep", unit="model", position=0) as bar:
@@ -232,15 +226,9 @@ def main(argv=None) -> dict:
     result = dict(
         experiment="lm_sweep", quick=args.quick, setting=dataclasses.asdict(setting), seed=args.seed,
         transformer_parameters=reference, param_tolerance=PARAM_TOLERANCE,
-        kv_fraction_definition="mean over layers of the fraction of a row's tokens held in the layer's KV cache "
-        "after the row: attention 1, sliding window min(window, T) / T, GDN 0, HAM measured admitted / tokens",
-        records=records, seconds=time.perf_counter() - start, platform=platform.platform(),
-        device=str(jax.devices()[0]), jax_version=jax.__version__,
+        kv_fraction_definition=KV_FRACTION_DEFINITION, records=records, **environment(start),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
-    plot(records, os.path.splitext(args.output)[0] + ".png")
+    save(result, args.output, lambda path: plot(records, path))
     print(summary(result))
     return result
 

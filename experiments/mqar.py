@@ -65,14 +65,9 @@ chosen at step 500, when all runs were still at chance.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import os
-import platform
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -83,6 +78,8 @@ from hamjax.data import MQARConfig, mqar_batch
 from hamjax.nn import LanguageModel, ModelConfig
 from hamjax.train import TrainConfig, make_optimizer, preset, recall_evaluate, recall_train_step
 from hamjax.train.plot import plot_against_kv_fraction
+
+from experiment_common import KV_FRACTION_DEFINITION, environment, experiment_parser, mean_recall, save, select
 
 DEFAULT_OUTPUT = "experiments/results/mqar_cpu.json"
 HAM_TARGETS = (0.05, 0.1, 0.25, 0.5)
@@ -157,15 +154,10 @@ def train_config(setting: Setting, learning_rate: float, seed: int) -> TrainConf
 
 def evaluate(model: LanguageModel, task: MQARConfig, setting: Setting) -> dict:
     """Accuracy, mean loss and HAM KV fraction per layer over the held-out batches."""
-    results = [
+    return mean_recall([
         recall_evaluate(model, *mqar_batch(task, setting.eval_batch_size, EVAL_SEED + i))
         for i in range(setting.eval_batches)
-    ]
-    return dict(
-        accuracy=float(np.mean([r.accuracy for r in results])),  # equal batches: N scored targets per row
-        loss=float(np.mean([r.loss for r in results])),
-        ham_kv_fraction=np.mean([r.kv_fraction for r in results], axis=0).tolist(),
-    )
+    ])
 
 
 class Run:
@@ -263,12 +255,9 @@ def plot(best: list[dict], path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps, for the tests")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="results JSON; the plot goes next to it as .png")
+    parser = experiment_parser(__doc__, DEFAULT_OUTPUT)
     parser.add_argument("--steps", type=int, help="training steps per run (default: the setting's)")
     parser.add_argument("--learning_rates", type=float, nargs="+", help="the learning-rate grid")
-    parser.add_argument("--models", nargs="+", help="run only these contenders (names as in the results)")
     parser.add_argument("--seed", type=int, default=0, help="parameter initialisation seed")
     args = parser.parse_args(argv)
     setting = QUICK if args.quick else FULL
@@ -276,9 +265,7 @@ def main(argv=None) -> dict:
         setting = dataclasses.replace(setting, steps=args.steps, probe_steps=min(setting.probe_steps, args.steps))
     if args.learning_rates:
         setting = dataclasses.replace(setting, learning_rates=tuple(args.learning_rates))
-    specs = [m for m in models(setting) if not args.models or m["name"] in args.models]
-    if not specs:
-        raise SystemExit(f"--models matches none of {[m['name'] for m in models(setting)]}")
+    specs = select(models(setting), args.models)
     start, runs = time.perf_counter(), []
     with tqdm(total=len(setting.tasks) * len(specs), desc="MQAR sweeps", unit="sweep") as bar:
         for seq_len, num_pairs in setting.tasks:
@@ -288,15 +275,9 @@ def main(argv=None) -> dict:
     best = best_runs(runs)
     result = dict(
         experiment="mqar", quick=args.quick, setting=dataclasses.asdict(setting), stop_accuracy=STOP_ACCURACY,
-        kv_fraction_definition="mean over layers of the fraction of a row's tokens held in the layer's KV cache "
-        "after the row: attention 1, sliding window min(window, T) / T, GDN 0, HAM measured admitted / tokens",
-        best=best, runs=runs, seconds=time.perf_counter() - start, platform=platform.platform(),
-        device=str(jax.devices()[0]), jax_version=jax.__version__,
+        kv_fraction_definition=KV_FRACTION_DEFINITION, best=best, runs=runs, **environment(start),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
-    plot(best, os.path.splitext(args.output)[0] + ".png")
+    save(result, args.output, lambda path: plot(best, path))
     print(summary(result))
     return result
 

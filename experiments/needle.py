@@ -58,16 +58,11 @@ off beyond 512 and GDN degrades least: the opposite of the paper's "GDN falls of
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import itertools
-import json
-import os
-import platform
 import time
 from collections.abc import Iterator
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -78,6 +73,8 @@ from hamjax.data import needle_batch
 from hamjax.data.needle import KEY_DIGITS, NEEDLE, QUERY
 from hamjax.nn import LanguageModel, ModelConfig
 from hamjax.train import TrainConfig, make_optimizer, preset, recall_evaluate, recall_train_step
+
+from experiment_common import KV_FRACTION_DEFINITION, environment, experiment_parser, mean_recall, save, select
 
 DEFAULT_OUTPUT = "experiments/results/needle_cpu.json"
 EVAL_SEED = 10**6  # held-out batches use seeds from here up; training uses seeds 0 .. steps - 1
@@ -186,11 +183,8 @@ def evaluate(model: LanguageModel, length: int, setting: Setting) -> dict:
     seeds = eval_seeds(setting, length)
     results = [recall_evaluate(model, *needle_batch(length, batch, seed)[:2]) for seed in seeds]
     return dict(
-        length=length,
-        accuracy=float(np.mean([r.accuracy for r in results])),  # equal batches: KEY_DIGITS targets per row
-        loss=float(np.mean([r.loss for r in results])),
-        ham_kv_fraction=np.mean([r.kv_fraction for r in results], axis=0).tolist(),
-        rows=batch * len(seeds), seeds=[seeds[0], seeds[-1]], seconds=time.perf_counter() - start,
+        length=length, **mean_recall(results), rows=batch * len(seeds), seeds=[seeds[0], seeds[-1]],
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -266,14 +260,11 @@ def plot(result: dict, path: str) -> None:
 
 
 def main(argv=None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="tiny sizes and a few steps, for the tests")
-    parser.add_argument("--output", default=DEFAULT_OUTPUT, help="results JSON; the plot goes next to it as .png")
+    parser = experiment_parser(__doc__, DEFAULT_OUTPUT)
     parser.add_argument(
         "--steps", type=int, help=f"training steps per contender, shared among the stages in proportion (default: {FULL.steps})"
     )
     parser.add_argument("--lengths", type=int, nargs="+", help="evaluation lengths (the training lengths are added)")
-    parser.add_argument("--models", nargs="+", help="run only these contenders (names as in the results)")
     parser.add_argument("--seed", type=int, default=0, help="parameter initialisation seed")
     args = parser.parse_args(argv)
     setting = QUICK if args.quick else FULL
@@ -281,9 +272,7 @@ def main(argv=None) -> dict:
         setting = setting.with_steps(args.steps)
     if args.lengths:
         setting = dataclasses.replace(setting, eval_lengths=tuple(args.lengths))
-    specs = [m for m in models(setting) if not args.models or m["name"] in args.models]
-    if not specs:
-        raise SystemExit(f"--models matches none of {[m['name'] for m in models(setting)]}")
+    specs = select(models(setting), args.models)
     start = time.perf_counter()
     with tqdm(total=len(specs) * (setting.steps + len(setting.lengths)), desc="needle", unit="step") as bar:
         contenders = [train_and_evaluate(spec, setting, args.seed, bar) for spec in specs]
@@ -291,15 +280,9 @@ def main(argv=None) -> dict:
         experiment="needle", quick=args.quick, setting=dataclasses.asdict(setting), lengths=list(setting.lengths),
         task=dict(needle=NEEDLE, query=QUERY, key_digits=KEY_DIGITS, corpus="kjv"),
         train_seeds=[0, setting.steps - 1], eval_seed_start=EVAL_SEED,
-        kv_fraction_definition="mean over layers of the fraction of a row's tokens held in the layer's KV cache "
-        "after the row: attention 1, GDN 0, HAM measured admitted / tokens",
-        contenders=contenders, seconds=time.perf_counter() - start, platform=platform.platform(),
-        device=str(jax.devices()[0]), jax_version=jax.__version__,
+        kv_fraction_definition=KV_FRACTION_DEFINITION, contenders=contenders, **environment(start),
     )
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with open(args.output, "w") as f:
-        json.dump(result, f, indent=1)
-    plot(result, os.path.splitext(args.output)[0] + ".png")
+    save(result, args.output, lambda path: plot(result, path))
     print(summary(result))
     return result
 

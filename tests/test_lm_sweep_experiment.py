@@ -8,22 +8,18 @@ training and evaluation steps."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import json
 import math
 import pathlib
-import sys
 
 import numpy as np
 import pytest
 
 from hamjax.train.run_folder import load_run_config, read_metrics
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("lm_sweep_experiment", ROOT / "experiments" / "lm_sweep.py")
-lm_sweep = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = lm_sweep  # dataclasses look their module up there
-_spec.loader.exec_module(lm_sweep)
+import experiment_scripts
+
+lm_sweep = experiment_scripts.load("lm_sweep")
 
 QUICK, FULL = lm_sweep.QUICK, lm_sweep.FULL
 

@@ -7,10 +7,7 @@ its compiled steps (the compilations are most of this file's time)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
-import sys
 import types
 
 import jax
@@ -23,11 +20,9 @@ from hamjax.data import IGNORE_INDEX, MQARConfig, mqar_batch, recall_accuracy
 from hamjax.nn import LanguageModel
 from hamjax.train import make_optimizer, recall_evaluate, recall_train_step
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("mqar_experiment", ROOT / "experiments" / "mqar.py")
-mqar = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = mqar  # dataclasses look their module up there
-_spec.loader.exec_module(mqar)
+import experiment_scripts
+
+mqar = experiment_scripts.load("mqar")
 
 QUICK = mqar.QUICK
 SEQ_LEN, NUM_PAIRS = QUICK.tasks[1]

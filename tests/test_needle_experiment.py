@@ -3,11 +3,8 @@ held-out seeds, the evaluation batches and the long-context copy of a HAM model 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import pathlib
-import sys
 
 import jax
 import numpy as np
@@ -16,11 +13,9 @@ from flax import nnx
 
 from hamjax.nn import LanguageModel
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("needle_experiment", ROOT / "experiments" / "needle.py")
-needle = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = needle  # dataclasses look their module up there
-_spec.loader.exec_module(needle)
+import experiment_scripts
+
+needle = experiment_scripts.load("needle")
 
 QUICK, FULL = needle.QUICK, needle.FULL
 
