@@ -454,6 +454,34 @@ def test_dense_equals_compacted_with_segments(router):
         assert_state_matches(out.state, to_ref_state(compacted.state), f"{form} vs compacted", tol)
 
 
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("name", ["T37_K4_V3_overflow_padding", "T70_K8_V5_segments_padding"])
+def test_empty_start_equals_an_empty_state(name, router):
+    """state=None with `capacity` (attention reads no earlier cache; the compacted buffer holds at
+    most T) == the same call from an empty init_ham_state, for every path: outputs, admissions,
+    KV fractions and the state handed on (cache compared in occupied slots)."""
+    cfg = CONFIGS[name]
+    case = make_case(name, router)
+    empty = ops.init_ham_state(cfg.batch, cfg.heads, cfg.dk, cfg.dv, cfg.capacity)
+    for attention, method in ALL_FORMS[:2]:
+
+        def run(state, capacity=None):
+            x = case.inputs
+            return jax.jit(functools.partial(ops.ham_sequence, capacity=capacity, attention=attention,
+                                             method=method, chunk_size=cfg.chunk_size))(
+                x["q"], x["k"], x["v"], x["g"], x["beta"], state, tau=case.tau, logit_scale=case.logit_scale,
+                router_scores=x["router_scores"], valid=x["valid"], segment_ids=x["segment_ids"])
+
+        got, want = run(None, cfg.capacity), run(empty)
+        label = f"{attention}/{method}"
+        assert int(np.sum(want.admitted)) > 0, f"{label}: nothing admitted"
+        np.testing.assert_array_equal(got.admitted, want.admitted)
+        np.testing.assert_array_equal(got.kv_fraction_per_head, want.kv_fraction_per_head)
+        for field in ("o_rnn", "o_attn"):
+            assert_close(getattr(got, field), getattr(want, field), f"{label}: {field}", 1e-6)
+        assert_state_matches(got.state, to_ref_state(want.state), label, 1e-6)
+
+
 # ------------------------------------------------------------------------------ KV fraction vs tau
 
 
@@ -549,6 +577,12 @@ def sequence_call(state=None, dk=4, **kwargs):
     return lambda: ops.ham_sequence(*x.values(), state, **kwargs)
 
 
+def fresh_call(**kwargs):
+    """ham_sequence from state=None."""
+    kwargs = {"tau": 0.5, "logit_scale": np.ones(3, np.float32), **kwargs}
+    return lambda: ops.ham_sequence(*small_inputs().values(), None, **kwargs)
+
+
 def step_call(state=None, dk=4, **kwargs):
     x = {n: a[:, 0] for n, a in small_inputs(dk).items()}
     state = ops.init_ham_state(2, 3, dk, 5, 4) if state is None else state
@@ -582,6 +616,9 @@ BAD_CALLS = {
                                    r"even head dimension.*\(2, 9, 3, 5\)"),
     "step_rope_odd_head_dim": (lambda: step_call(dk=5)(), r"even head dimension.*5\)"),
     "buffer_smaller_than_capacity": (lambda: sequence_call(buffer_size=3)(), r"^buffer_size\b.*capacity 4"),
+    "no_state_and_no_capacity": (lambda: fresh_call()(), r"capacity when state is None"),
+    "no_state_nonpositive_capacity": (lambda: fresh_call(capacity=0)(), r"^capacity\b.*0"),
+    "capacity_differs_from_state": (lambda: sequence_call(capacity=5)(), r"capacity 5 differs.*capacity 4"),
     "scalar_logit_scale": (lambda: sequence_call(logit_scale=np.float32(2.0))(), r"^logit_scale\b.*\(3,\)"),
     "tau_wrong_heads": (lambda: sequence_call(tau=np.ones(4, np.float32))(), r"^tau\b.*\(4,\)"),
     "valid_without_batch": (lambda: sequence_call(valid=np.ones(9, bool))(), r"^valid\b.*\(9,\)"),
@@ -604,7 +641,8 @@ def test_valid_calls_do_not_raise():
     """The bad-input calls start from these; odd K is fine without RoPE."""
     for call in (sequence_call(), step_call(), sequence_call(attention="dense"),
                  sequence_call(dk=5, rope_theta=None), step_call(dk=5, rope_theta=None),
-                 sequence_call(tau=np.inf), sequence_call(tau=np.array([0.5, -np.inf, np.inf]))):
+                 sequence_call(tau=np.inf), sequence_call(tau=np.array([0.5, -np.inf, np.inf])),
+                 sequence_call(capacity=4), fresh_call(capacity=4), fresh_call(capacity=4, attention="dense")):
         jax.jit(call).trace()
 
 

@@ -163,7 +163,8 @@ class HAM(nnx.Module):
         """
         if evict and x.shape[1] != 1:
             raise ValueError(f"evict applies to one token at a time, got {x.shape[1]} tokens; run them one by one")
-        cache = self.init_cache(x.shape[0]) if cache is None else cache
+        fresh = cache is None
+        cache = self.init_cache(x.shape[0]) if fresh else cache
         inputs, conv = self.proj(x, cache.conv, segment_ids=segment_ids, valid=valid)
         scores = None if self.router_mlp is None else self.router_mlp(x)
         tau = self.tau if tau is None else tau
@@ -192,7 +193,8 @@ class HAM(nnx.Module):
         else:
             out = ops.ham_sequence(
                 *inputs[:5],
-                cache.ham,
+                None if fresh else cache.ham,
+                capacity=self.capacity if fresh else None,
                 router_scores=scores,
                 valid=valid,
                 segment_ids=segment_ids,

@@ -61,10 +61,11 @@ def ham_sequence(
     v,
     g,
     beta,
-    state: HamState,
+    state: HamState | None,
     *,
     tau,
     logit_scale,
+    capacity: int | None = None,
     router_scores=None,
     valid=None,
     segment_ids=None,
@@ -77,15 +78,27 @@ def ham_sequence(
     """A HAM layer's core over a sequence, in parallel form.
 
     q, k [B, T, H, K] (L2-normalised); v [B, T, H, V]; g, beta [B, T, H]; state from
-    `init_ham_state` or a previous call; tau a scalar or [H]; logit_scale [H]; router_scores
+    `init_ham_state` or a previous call, or None to start empty with a cache of `capacity` slots
+    (training: attention then reads no cache entries from before the call, which an empty
+    `init_ham_state` cache would pay for); tau a scalar or [H]; logit_scale [H]; router_scores
     [B, T, H] in (0, 1] for the learned router (None: surprise router); valid [B, T] (False =
     padding: no RNN update, never admitted); segment_ids [B, T] (packed sequences: a new segment
     resets the RNN state and empties the cache).
 
     attention="dense" is the T x T reference; "compacted" gathers the admitted tokens into a buffer
     of `buffer_size` slots (default: the cache capacity, or capacity + T with segment_ids, since
-    every segment may fill its own cache) and attends T x buffer_size.
+    every segment may fill its own cache; from an empty start, no more than T) and attends
+    T x buffer_size.
     """
+    fresh = state is None
+    if fresh:
+        if capacity is None:
+            raise ValueError("ham_sequence needs the cache capacity when state is None")
+        validation.check_positive_int("capacity", capacity)
+        validation.check_rank("q", q, 4, "[B, T, H, K]")
+        state = init_ham_state(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], capacity)
+    elif capacity is not None and capacity != state.cache.capacity:
+        raise ValueError(f"capacity {capacity} differs from the state's cache capacity {state.cache.capacity}")
     _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention, buffer_size)
     batch, t = q.shape[:2]
     capacity = state.cache.capacity
@@ -119,12 +132,18 @@ def ham_sequence(
             logit_scale=logit_scale,
             segment_ids=segments,
             log_weights=masked_log(scores, admitted) if learned else None,
-            cache=state.cache,
+            cache=None if fresh else state.cache,
         )
     else:
         if buffer_size is None:
             buffer_size = capacity if segment_ids is None else capacity + t
-        buffer = kv.append_tokens(kv.resize(state.cache, buffer_size), k_rot, v, positions, scores, admitted)
+            buffer_size = min(buffer_size, t) if fresh else buffer_size
+        start = (
+            kv.init_kv_cache(batch, q.shape[2], buffer_size, q.shape[3], v.shape[-1])
+            if fresh
+            else kv.resize(state.cache, buffer_size)
+        )
+        buffer = kv.append_tokens(start, k_rot, v, positions, scores, admitted)
         o_attn = attend(
             q_rot,
             positions,
