@@ -203,6 +203,16 @@ def test_rope_matches_oracle(theta):
                  rope_reference(x, small[..., None], theta), f"rope theta={theta}, positions < 64")
 
 
+def test_rope_with_positions_shared_by_all_rows():
+    """positions [1, T] rotate every row as [B, T] positions repeated per row would, bit for bit."""
+    rng = np.random.default_rng(8)
+    x = rng.standard_normal((B, T, H, 8)).astype(np.float32)
+    shared = rng.integers(0, 300, (1, T)).astype(np.int32)
+    rope = jax.jit(ops.apply_rope)
+    np.testing.assert_array_equal(rope(x, shared), rope(x, np.repeat(shared, B, axis=0)))
+    assert_close(rope(x, shared), rope_reference(x, np.repeat(shared, B, axis=0)[..., None], 10000.0), "shared")
+
+
 def test_rope_properties():
     """Position 0 is the identity; norms are kept; q . k depends only on the position difference;
     the dtype is kept."""

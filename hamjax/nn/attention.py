@@ -107,7 +107,8 @@ class Attention(nnx.Module):
         start = jnp.zeros((batch,), jnp.int32) if cache is None else cache.position
         positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)
         if self.rope_theta is not None:
-            q, k = (ops.apply_rope(a, positions, self.rope_theta) for a in (q, k))
+            rope_positions = positions[:1] if cache is None else positions  # without a cache every row has 0..T-1
+            q, k = (ops.apply_rope(a, rope_positions, self.rope_theta) for a in (q, k))
         valid = jnp.ones((batch, t), bool) if valid is None else jnp.asarray(valid, bool)
         logit_scale = jnp.full((self.heads,), self.head_dim**-0.5, jnp.float32)
         if cache is not None and t == 1:

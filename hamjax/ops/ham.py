@@ -119,7 +119,8 @@ def ham_sequence(
     admitted = admit(
         scores, tau, capacity, valid=valid, segment_ids=segment_ids, initial_count=state.cache.count
     )
-    q_rot, k_rot = (x if rope_theta is None else apply_rope(x, positions, rope_theta) for x in (q, k))
+    rope_positions = positions[:1] if fresh else positions  # from an empty start every row has 0..T-1
+    q_rot, k_rot = (x if rope_theta is None else apply_rope(x, rope_positions, rope_theta) for x in (q, k))
     segments = _segment_index(segment_ids, batch, t)
     learned = router_scores is not None
     if attention == "dense":
