@@ -122,3 +122,44 @@ def test_bad_arguments_raise():
     conv = ShortConv(C, 4, rngs=nnx.Rngs(0))
     with pytest.raises(ValueError, match="conv state"):
         conv(jnp.zeros((B, T, C)), jnp.zeros((B, 2, C)))
+
+
+def plain_taps(inputs, weight, keep):
+    """masked_taps' forward formula, differentiated automatically."""
+    t = keep.shape[-1]
+    return sum(weight[i] * jnp.where(keep[i][..., None], inputs[:, i : i + t], 0.0) for i in range(weight.shape[0]))
+
+
+@pytest.mark.parametrize("width", [1, 2, 4])
+def test_masked_taps_backward_equals_automatic(width):
+    """The written-out backward of the convolution's core == automatic differentiation of its forward,
+    with a random mask."""
+    inputs_, weight, cotangent = normal(3, (B, T + width - 1, C), (width, C), (B, T, C))
+    keep = jnp.asarray(np.random.default_rng(4).random((width, B, T)) > 0.3)
+    grads = [
+        jax.jit(jax.grad(lambda a, w: jnp.sum(f(a, w, keep) * cotangent), argnums=(0, 1)))(inputs_, weight)
+        for f in (nn.conv.masked_taps, plain_taps)
+    ]
+    assert_tree_close(*grads)
+
+
+def test_gradients_equal_the_step_loop():
+    """d/d(x, weight, state) of a loss on the outputs and the new state, with padding: the sequence
+    form == the token-by-token loop."""
+    x, weight, state = inputs(4, seed=5)
+    c_y, c_state = normal(6, (B, T, C), (B, 3, C))
+    valid = jnp.array([[1, 0, 1, 1, 0, 1, 1, 1, 0], [1, 1, 1, 0, 1, 1, 1, 1, 1]], bool)
+
+    def loop(x, weight, state):
+        ys = []
+        for t in range(T):
+            y, state = nn.causal_conv_step(x[:, t], weight, state, valid=valid[:, t])
+            ys.append(y)
+        return jnp.stack(ys, axis=1), state
+
+    def loss(f):
+        return lambda x, w, s: sum(jnp.sum(a * c) for a, c in zip(f(x, w, s), (c_y, c_state)))
+
+    sequence = lambda x, w, s: nn.causal_conv(x, w, s, valid=valid)  # noqa: E731
+    grads = [jax.jit(jax.grad(loss(f), argnums=(0, 1, 2)))(x, weight, state) for f in (sequence, loop)]
+    assert_tree_close(*grads)

@@ -40,16 +40,51 @@ def causal_conv(x, weight, state, *, segment_ids=None, valid=None):
         count = rank[:, -1:] + 1
     inputs = jnp.concatenate([state.astype(x.dtype), x], axis=1)  # [B, W-1+T, C]
     segments = jnp.concatenate([jnp.zeros((batch, width - 1), jnp.int32), segment], axis=1)
-    y = sum(
-        weight[i] * jnp.where((segments[:, i : i + t] == segment)[..., None], inputs[:, i : i + t], 0.0)
-        for i in range(width)
-    )
+    keep = jnp.stack([segments[:, i : i + t] == segment for i in range(width)])  # [W, B, T]
+    y = masked_taps(inputs, weight, keep)
     if valid is not None:
         y = jnp.where(valid[..., None], jnp.take_along_axis(y, jnp.maximum(rank, 0)[..., None], axis=1), 0.0)
     tail = count + jnp.arange(width - 1)  # the last W-1 inputs up to the last valid token
     new_state = jnp.take_along_axis(inputs, tail[..., None], axis=1)
     same = jnp.take_along_axis(segments, tail, axis=1) == last_segment
     return y, jnp.where(same[..., None], new_state, 0.0)
+
+
+@jax.custom_vjp
+def masked_taps(inputs, weight, keep):
+    """sum_i weight[i] * inputs[:, i : i + T] where keep[i]: the convolution's core.
+
+    inputs [B, T+W-1, C]; weight [W, C]; keep [W, B, T] bool. Returns [B, T, C]. The backward is
+    written out (the input gradient is itself a convolution of dy): XLA:CPU runs the automatic one,
+    a padded copy of dy per tap, about 3x slower.
+    """
+    t = keep.shape[-1]
+    return sum(weight[i] * jnp.where(keep[i][..., None], inputs[:, i : i + t], 0.0) for i in range(weight.shape[0]))
+
+
+def _masked_taps_fwd(inputs, weight, keep):
+    return masked_taps(inputs, weight, keep), (inputs, weight, keep)
+
+
+def _masked_taps_bwd(residuals, dy):
+    inputs, weight, keep = residuals
+    width, t = weight.shape[0], keep.shape[-1]
+    d_weight = jnp.stack(
+        [jnp.sum(jnp.where(keep[i][..., None], inputs[:, i : i + t], 0.0) * dy, axis=(0, 1)) for i in range(width)]
+    )
+    # d inputs[:, s] = sum_i weight[i] keep[i, :, s - i] dy[:, s - i]
+    edge = width - 1
+    dy_padded = jnp.pad(dy, ((0, 0), (edge, edge), (0, 0)))
+    keep_padded = jnp.pad(keep, ((0, 0), (0, 0), (edge, edge)))
+    n = t + edge
+    d_inputs = sum(
+        weight[i] * jnp.where(keep_padded[i][:, edge - i : edge - i + n, None], dy_padded[:, edge - i : edge - i + n], 0.0)
+        for i in range(width)
+    )
+    return d_inputs.astype(inputs.dtype), d_weight.astype(weight.dtype), None
+
+
+masked_taps.defvjp(_masked_taps_fwd, _masked_taps_bwd)
 
 
 def causal_conv_step(x, weight, state, *, valid=None):
