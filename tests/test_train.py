@@ -1,6 +1,7 @@
 """hamjax.train and `hamjax train | eval`: the loss falls, resuming is bit-for-bit, gradient
-accumulation, checkpoints, the threshold controller, the run folder, and faults (non-finite loss,
-Ctrl-C, a kill during a save, bad command lines, a run folder of another config).
+accumulation, evaluation in batches of one shape, checkpoints, the threshold controller, the run
+folder, and faults (non-finite loss, Ctrl-C, a kill during a save, bad command lines, a run folder
+of another config).
 
 Most tests share one reference run (`ref_run`: the tiny preset, 30 steps at a constant learning
 rate, tau controlled toward a 25% KV fraction). In one process, runs of the same config share the
@@ -12,6 +13,7 @@ so that their compilations overlap it (`background_runs`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -31,12 +33,13 @@ from flax import nnx
 
 from hamjax.cli.flags import config_from_flags
 from hamjax.cli.main import build_parser, main
-from hamjax.data import batch_at, target_mask
+from hamjax.data import PackedRows, batch_at, target_mask
 from hamjax.nn.model import LanguageModel
 from hamjax.train import (
     Checkpoints,
     NonFiniteLoss,
     TrainConfig,
+    bits_per_byte,
     make_optimizer,
     preset,
     train,
@@ -47,6 +50,7 @@ from hamjax.train import step as step_module
 from hamjax.train.config import config_from_dict
 from hamjax.train.loop import build, load_corpus
 from hamjax.train.run_folder import prepare_run_folder, read_metrics
+from hamjax.train.sharding import batch_on_mesh, make_mesh
 from oracles import rel_rms
 
 HAMJAX = str(pathlib.Path(sys.executable).with_name("hamjax"))
@@ -320,6 +324,57 @@ def test_same_config_reuses_the_compiled_train_step():
     assert nnx.graphdef(optimizer) == nnx.graphdef(optimizer_again), (
         "make_optimizer builds a new optax transformation (new function objects) for each call"
     )
+
+
+# --- evaluation ------------------------------------------------------------------------------------
+
+EVAL_ROWS, EVAL_BATCH = 7, 3  # batches of 3, 3 and 1 rows
+
+
+@pytest.fixture(scope="module")
+def short_last_batch():
+    """loop.evaluate of 7 rows of 33 tokens (two with a document boundary) in batches of 3 by a
+    one-HAM-layer tiny model, its evaluation step compiled afresh with its traces counted.
+    -> (Evaluation, traces, MeshSteps, rows, bytes_per_token)."""
+    tiny = preset("tiny")
+    model, optimizer = build(dataclasses.replace(tiny, model=dataclasses.replace(tiny.model, n_layers=1, pattern="ham")))
+    corpus = load_corpus(tiny)
+    tokens = corpus.validation.tokens[:EVAL_ROWS, :33]
+    segment_ids = np.zeros_like(tokens)
+    segment_ids[1, 12:] = 1
+    segment_ids[6, 20:] = 1  # the padded batch's real row
+    rows = PackedRows(tokens, segment_ids)
+    traces, real_eval_sums = [], step_module._eval_sums
+
+    def counted(*args):
+        traces.append(1)
+        return real_eval_sums(*args)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(step_module, "_eval_sums", counted)
+        patch.setattr(step_module, "_compiled_eval", functools.lru_cache(step_module._compiled_eval.__wrapped__))
+        steps = loop.MeshSteps(model, optimizer, make_mesh())
+        evaluation = loop.evaluate(steps, rows, corpus.bytes_per_token, EVAL_BATCH)
+    return evaluation, len(traces), steps, rows, corpus.bytes_per_token
+
+
+def test_evaluation_compiles_once_for_a_short_last_batch(short_last_batch):
+    """The last batch (1 row of 3) is padded to the others' shape: no second compilation."""
+    _, traces, *_ = short_last_batch
+    assert traces == 1
+
+
+def test_padding_rows_count_for_nothing(short_last_batch):
+    """The padded evaluation equals one unpadded batch of all the rows: loss, bits per byte, scored
+    targets and KV fraction (row-weighted over batches = over all the rows' tokens)."""
+    evaluation, _, steps, rows, bytes_per_token = short_last_batch
+    loss_sum, tokens, kv = steps.evaluate(*batch_on_mesh(*rows, np.arange(EVAL_ROWS), steps.mesh))
+    loss = float(loss_sum) / int(tokens)
+    assert evaluation.tokens == int(tokens) == EVAL_ROWS * 32 - 2
+    assert evaluation.loss == pytest.approx(loss, rel=1e-5)
+    assert evaluation.bpb == pytest.approx(bits_per_byte(loss, bytes_per_token), rel=1e-5)
+    assert 0.0 < evaluation.kv_fraction[0] < 1.0
+    np.testing.assert_allclose(evaluation.kv_fraction, np.asarray(kv), rtol=1e-5)
 
 
 # --- checkpoints -----------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ the machine's measured fp32 matmul peak, for model FLOP utilisation (MFU)."""
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -44,8 +45,10 @@ def training_flops_per_token(config: ModelConfig, seq_len: int) -> int:
     return 3 * sum(forward_flops_per_token(config, seq_len).values())
 
 
+@functools.cache
 def measure_matmul_peak(size: int = 2048, repeats: int = 5) -> float:
-    """The best fp32 FLOP/s of a size x size matmul over `repeats` runs (after a warm-up)."""
+    """The best fp32 FLOP/s of a size x size matmul over `repeats` runs (after a warm-up), measured
+    once per process and arguments: later calls return the first measurement."""
     a = jax.random.normal(jax.random.key(0), (size, size), jnp.float32)
     matmul = jax.jit(lambda x: x @ x)
     matmul(a).block_until_ready()

@@ -25,7 +25,7 @@ from hamjax.train.flops import measure_matmul_peak, training_flops_per_token
 from hamjax.train.optimizer import make_optimizer
 from hamjax.train.plot import plot_run
 from hamjax.train.run_folder import MetricsLog, load_run_config, prepare_run_folder
-from hamjax.train.sharding import batch_on_mesh, check_batch_size, make_mesh
+from hamjax.train.sharding import batch_on_mesh, check_batch_size, global_rows, make_mesh
 from hamjax.train.step import MeshSteps, bits_per_byte
 
 
@@ -78,12 +78,13 @@ def build(config: RunConfig) -> tuple[LanguageModel, nnx.Optimizer]:
 def evaluate(steps: MeshSteps, rows: PackedRows, bytes_per_token: float, batch_size: int, max_batches: int = 0):
     """Mean next-token loss, bits per byte and KV fraction per HAM layer over the rows (in order, in
     batches of batch_size; the first max_batches batches, 0: all) of the model in `steps`. The
-    thresholds do not move."""
+    thresholds do not move. A short last batch is padded with rows that count for nothing, so that
+    the evaluation step compiles for one shape."""
     loss_sum, tokens, fractions = 0.0, 0, []
     for i, index in enumerate(sequential_indices(len(rows.tokens), batch_size)):
         if max_batches and i == max_batches:
             break
-        batch_loss, batch_tokens, kv = steps.evaluate(*batch_on_mesh(*rows, index, steps.mesh))
+        batch_loss, batch_tokens, kv = steps.evaluate(*_padded_batch(rows, index, batch_size, steps.mesh))
         loss_sum += float(batch_loss)
         tokens += int(batch_tokens)
         fractions.append((np.asarray(kv), len(index)))
@@ -91,6 +92,15 @@ def evaluate(steps: MeshSteps, rows: PackedRows, bytes_per_token: float, batch_s
     rows_seen = sum(n for _, n in fractions)
     kv = sum(f * n for f, n in fractions) / rows_seen
     return Evaluation(loss, bits_per_byte(loss, bytes_per_token), [float(f) for f in kv], tokens)
+
+
+def _padded_batch(rows: PackedRows, index: np.ndarray, batch_size: int, mesh):
+    """The rows at `index` [n <= batch_size], padded with copies of the last one -> global arrays
+    tokens, segment_ids [batch_size, L] and valid_rows [batch_size, 1] bool (False: padding)."""
+    padded = np.pad(index, (0, batch_size - len(index)), mode="edge")
+    tokens, segment_ids = batch_on_mesh(*rows, padded, mesh)
+    valid = (np.arange(batch_size) < len(index))[:, None]
+    return tokens, segment_ids, global_rows(valid, np.arange(batch_size), tokens.sharding)
 
 
 class _StopRequest:

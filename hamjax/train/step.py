@@ -35,11 +35,18 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     return loss_nats / math.log(2.0) / bytes_per_token
 
 
-def _loss_sum(model: LanguageModel, rows, segment_ids):
-    """rows, segment_ids [B, T + 1] -> (summed loss over scored targets, ModelStats)."""
-    logits, stats = model(rows[:, :-1], segment_ids=segment_ids[:, :-1])
+def _loss_sum(model: LanguageModel, rows, segment_ids, valid=None):
+    """rows, segment_ids [B, T + 1]; valid [B, T] bool (False = padding; None: all valid) -> (summed
+    loss over the valid scored targets, ModelStats)."""
+    logits, stats = model(rows[:, :-1], segment_ids=segment_ids[:, :-1], valid=valid)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:])
-    return jnp.sum(jnp.where(target_mask(segment_ids), losses, 0.0)), stats
+    return jnp.sum(jnp.where(_scored(segment_ids, valid), losses, 0.0)), stats
+
+
+def _scored(segment_ids, valid):
+    """segment_ids [B, T + 1], valid [B, T] bool or None -> [B, T] bool: the targets that count."""
+    scored = target_mask(segment_ids)
+    return scored if valid is None else scored & valid
 
 
 def _train_update(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_ids) -> StepMetrics:
@@ -59,7 +66,8 @@ def _train_update(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_
         return jax.tree.map(jnp.add, grads, micro_grads), (loss_value, stats.kv_fraction)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, fractions) = jax.lax.scan(micro_step, zeros, (rows, segment_ids))
+    # One micro-batch: unrolled, so that no loop carries (and copies) the gradients.
+    grads, (losses, fractions) = jax.lax.scan(micro_step, zeros, (rows, segment_ids), unroll=rows.shape[0] == 1)
     return _apply_update(model, optimizer, grads, jnp.sum(losses), tokens, jnp.mean(fractions, axis=0))
 
 
@@ -72,10 +80,13 @@ def _apply_update(model: LanguageModel, optimizer: nnx.Optimizer, grads, loss, t
     return StepMetrics(loss, tokens, grad_norm, kv_fraction, model.taus())
 
 
-def _eval_sums(model: LanguageModel, rows, segment_ids):
-    """rows, segment_ids [B, T + 1] -> (summed loss, scored targets, kv_fraction [L_ham])."""
-    loss_sum, stats = _loss_sum(model, rows, segment_ids)
-    return loss_sum, jnp.sum(target_mask(segment_ids)), stats.kv_fraction
+def _eval_sums(model: LanguageModel, rows, segment_ids, valid_rows=None):
+    """rows, segment_ids [B, T + 1]; valid_rows [B, 1] bool (False: a padding row that counts for
+    nothing; None: every row counts) -> (summed loss, scored targets, kv_fraction [L_ham] over the
+    valid rows)."""
+    valid = None if valid_rows is None else jnp.broadcast_to(valid_rows, (rows.shape[0], rows.shape[1] - 1))
+    loss_sum, stats = _loss_sum(model, rows, segment_ids, valid)
+    return loss_sum, jnp.sum(_scored(segment_ids, valid)), stats.kv_fraction
 
 
 train_step = nnx.jit(_train_update)
@@ -104,9 +115,10 @@ class MeshSteps:
         nnx.update(self.objects, state)
         return metrics
 
-    def evaluate(self, rows, segment_ids):
-        """rows, segment_ids [B, T + 1] global arrays -> (summed loss, scored targets, kv_fraction)."""
-        return self._eval(nnx.state(self.objects), rows, segment_ids)
+    def evaluate(self, rows, segment_ids, valid_rows=None):
+        """rows, segment_ids [B, T + 1] and valid_rows [B, 1] (or None) global arrays -> (summed loss,
+        scored targets, kv_fraction), as eval_step."""
+        return self._eval(nnx.state(self.objects), rows, segment_ids, valid_rows)
 
 
 def state_train_step(graphdef):
@@ -132,11 +144,12 @@ def _compiled_train(graphdef, treedef, leaves, batch: NamedSharding, replicated:
 
 @functools.lru_cache(maxsize=8)
 def _compiled_eval(graphdef, treedef, leaves, replicated: NamedSharding):
-    def evaluate(state, rows, segment_ids):
+    def evaluate(state, rows, segment_ids, valid_rows):
         model, _ = nnx.merge(graphdef, state)
-        return _eval_sums(model, rows, segment_ids)
+        return _eval_sums(model, rows, segment_ids, valid_rows)
 
-    return jax.jit(evaluate, in_shardings=(jax.tree.unflatten(treedef, leaves), None, None), out_shardings=replicated)
+    shardings = jax.tree.unflatten(treedef, leaves)
+    return jax.jit(evaluate, in_shardings=(shardings, None, None, None), out_shardings=replicated)
 
 
 # Recall tasks (MQAR, pass key): inputs [B, T] with aligned targets [B, T], IGNORE_INDEX where unscored.
