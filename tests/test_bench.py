@@ -15,7 +15,7 @@ from hamjax.bench.common import count_every_buffer, memory_need, variant
 from hamjax.cli.main import main
 from hamjax.nn import ModelConfig
 from hamjax.train import PRESETS
-from hamjax.train.flops import forward_flops_per_token
+from hamjax.train.flops import forward_flops_per_token, measure_matmul_peak
 
 
 @pytest.fixture(scope="module")
@@ -157,3 +157,39 @@ def test_decode(suite):
 def test_unknown_benchmark_is_refused(tmp_path, capsys):
     assert main(["bench", "--only", "nope", "--output_dir", str(tmp_path)]) == 2
     assert "unknown benchmark 'nope'" in capsys.readouterr().err
+
+
+def test_the_matmul_peak_is_measured_once_per_process_and_arguments():
+    first = measure_matmul_peak(64, 1)
+    assert measure_matmul_peak(64, 1) is first
+    assert measure_matmul_peak(64, 2) is not first
+
+
+def test_profile(suite):
+    result = suite[1]["results"]["profile"]
+    (row,) = result["rows"]
+    assert result["preset"] == "tiny" and row["T"] == PRESETS["tiny"].data.seq_len
+    record = row["models"]["ham"]
+    assert record["op_ms_per_step"] > 0
+    for table in ("by_file", "by_line"):
+        assert sum(v["share"] for v in record[table].values()) == pytest.approx(1.0)
+        assert sum(v["ms"] for v in record[table].values()) == pytest.approx(record["op_ms_per_step"])
+    # The delta rule and attention are charged to their own lines, whose code is quoted.
+    for path in ("ops/delta_rule.py", "ops/attention.py", "nn/conv.py"):
+        assert record["by_file"][path]["share"] > 0.01
+    lines = [k for k in record["by_line"] if k.startswith("ops/attention.py:")]
+    assert lines and all(record["by_line"][k]["code"] for k in lines)
+
+
+def test_profile_charges_each_operation_to_its_source_line():
+    """A jitted apply_rope: its compiled operations are charged to ops/rope.py lines, whose code
+    is the rotation's."""
+    from hamjax.bench.profile import source_lines, source_text
+
+    x, positions = jnp.ones((1, 8, 2, 4), jnp.float32), jnp.arange(8)[None]
+    compiled = jax.jit(lambda x, p: ops.apply_rope(x, p) * 3.0).lower(x, positions).compile()
+    charged = source_lines(compiled.as_text())
+    rope_lines = {where for where in charged.values() if where.startswith("ops/rope.py:")}
+    assert rope_lines, charged
+    assert any("sin" in source_text(where) or "cos" in source_text(where) for where in rope_lines)
+    assert source_text("(no hamjax frame) add") == ""

@@ -40,12 +40,14 @@ QUICK_NAMES = ("ham", "transformer")
 MIB = 2**20
 
 
-def compiled_step(config):
-    """(the training step of a freshly built model on one synthetic row of config's seq_len,
-    compiled as a function (state, rows, segment_ids) -> (new state, StepMetrics), its arguments)."""
+def compiled_step(config, rows: int = 1, compiler_options: dict | None = None):
+    """(the training step of a freshly built model on `rows` synthetic rows of config's seq_len (one
+    micro-batch), compiled as a function (state, rows, segment_ids) -> (new state, StepMetrics), its
+    arguments). compiler_options default: `count_every_buffer()`."""
     graphdef, state = nnx.split(build(config))
-    args = (state, *synthetic_rows(1, 1, config.data.seq_len, config.model.vocab_size))
-    return jax.jit(state_train_step(graphdef)).lower(*args).compile(compiler_options=count_every_buffer()), args
+    args = (state, *synthetic_rows(1, rows, config.data.seq_len, config.model.vocab_size))
+    options = count_every_buffer() if compiler_options is None else compiler_options
+    return jax.jit(state_train_step(graphdef)).lower(*args).compile(compiler_options=options), args
 
 
 def device_peak(compiled, args, need: int) -> int | None:
