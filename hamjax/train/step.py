@@ -66,8 +66,11 @@ def _train_update(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_
         return jax.tree.map(jnp.add, grads, micro_grads), (loss_value, stats.kv_fraction)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    # One micro-batch: unrolled, so that no loop carries (and copies) the gradients.
-    grads, (losses, fractions) = jax.lax.scan(micro_step, zeros, (rows, segment_ids), unroll=rows.shape[0] == 1)
+    if rows.shape[0] == 1:  # one micro-batch: no loop to carry (and copy) the gradients through
+        grads, (loss_value, fraction) = micro_step(zeros, (rows[0], segment_ids[0]))
+        losses, fractions = loss_value[None], fraction[None]
+    else:
+        grads, (losses, fractions) = jax.lax.scan(micro_step, zeros, (rows, segment_ids))
     return _apply_update(model, optimizer, grads, jnp.sum(losses), tokens, jnp.mean(fractions, axis=0))
 
 
