@@ -314,6 +314,27 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert int(optimizer.step[...]) == int(split_optimizer.step[...]) == 1
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_a_rematerialised_model_takes_the_same_step(micro_batches):
+    """remat=True (every block recomputed in the backward pass, as the paper preset trains) gives the
+    training step of remat=False: loss, gradient norm, KV fractions, thresholds and every updated
+    parameter, for a model with every block kind, with one micro-batch and with two."""
+    tiny = preset("tiny")
+    rows, segment_ids = (jnp.asarray(a).reshape(micro_batches, 4 // micro_batches, -1)
+                         for a in batch_at(load_corpus(tiny).train, 0, 4, 0)[:2])
+    steps = {}
+    for remat in (False, True):
+        model_config = dataclasses.replace(tiny.model, n_layers=4, pattern="ham,gdn,attention,swa", remat=remat)
+        model = LanguageModel(model_config, rngs=nnx.Rngs(0))
+        optimizer = make_optimizer(model, TrainConfig(warmup_steps=0, learning_rate=1e-3))
+        steps[remat] = train_step(model, optimizer, rows, segment_ids), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    (plain, params), (remat, remat_params) = steps[False], steps[True]
+    for field in ("loss", "grad_norm", "kv_fraction", "tau"):
+        np.testing.assert_allclose(getattr(remat, field), getattr(plain, field), rtol=1e-5, err_msg=field)
+    for (path, p), r in zip(jax.tree_util.tree_flatten_with_path(params)[0], jax.tree.leaves(remat_params)):
+        assert rel_rms(r, p) <= 1e-5, jax.tree_util.keystr(path)
+
+
 def test_same_config_reuses_the_compiled_train_step():
     """train_step is compiled by nnx.jit per graph definition of its (model, optimizer) arguments.
     Two builds of one config must have equal definitions, or every train() call in a process (each

@@ -162,6 +162,19 @@ class Block(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache, stats
 
 
+def _rematerialised(call):
+    """call(block, *args), its activations recomputed in the backward pass: jax.checkpoint of a pure
+    function of the block's state (a block call changes none of its variables). nnx.remat instead
+    writes the variables back, which fails for the HAM threshold inside the training step's
+    jax.value_and_grad ("Cannot mutate Threshold from a different trace level")."""
+
+    def rematerialised(block, *args):
+        graphdef, state = nnx.split(block)
+        return jax.checkpoint(lambda state, *args: call(nnx.merge(graphdef, state), *args))(state, *args)
+
+    return rematerialised
+
+
 class LanguageModel(nnx.Module):
     """tokens [B, T] int -> logits [B, T, vocab] float32, and ModelStats of its HAM layers."""
 
@@ -209,7 +222,7 @@ class LanguageModel(nnx.Module):
         x = self.embed(tokens)
         caches = [None] * len(self.blocks) if cache is None else list(cache)
         call = lambda blk, x, c, tau: blk(x, cache=c, segment_ids=segment_ids, valid=valid, tau=tau, evict=evict)
-        call = nnx.remat(call) if self.config.remat else call
+        call = _rematerialised(call) if self.config.remat else call
         fractions, per_head, over_tau, admitted = [], [], [], []
         for i, block in enumerate(self.blocks):
             tau = None if taus is None or block.kind != "ham" else taus[len(fractions)]
