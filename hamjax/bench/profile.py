@@ -147,12 +147,14 @@ def main(argv=None):
 def summary(result: dict) -> str:
     """Per model the share of each hamjax file, then one table of each model's top lines."""
     models = result["rows"][0]["models"]
-    lines = [
-        f"**{name}**: {record['op_ms_per_step']:.0f} ms of operation time per step. By file: "
-        + ", ".join(f"{k} {v['share']:.0%}" for k, v in record["by_file"].items() if v["share"] >= 0.01) + "."
-        for name, record in models.items()
-    ]
-    lines += ["", "| model | source line | code | op ms / step | share |", "|---|---|---|---|---|"]
+    lines = []
+    for name, record in models.items():
+        lines += [
+            f"**{name}**: {record['op_ms_per_step']:.0f} ms of operation time per step. By file: "
+            + ", ".join(f"{k} {v['share']:.0%}" for k, v in record["by_file"].items() if v["share"] >= 0.01) + ".",
+            "",
+        ]
+    lines += ["| model | source line | code | op ms / step | share |", "|---|---|---|---|---|"]
     for name, record in models.items():
         for where, v in list(record["by_line"].items())[:TOP_LINES]:
             code = f"`{v['code']}`".replace("|", "&#124;") if v["code"] else ""
