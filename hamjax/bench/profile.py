@@ -30,7 +30,6 @@ import tempfile
 import jax
 
 import hamjax
-
 from hamjax.bench.common import parse_args, save_results, variant
 from hamjax.bench.memory import compiled_step
 from hamjax.bench.train_step import MODELS

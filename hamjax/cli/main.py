@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--budget_bytes", type=int, default=None, help="HAM KV-cache bytes per sequence")
     gen.set_defaults(run=_generate)
     bench = commands.add_parser("bench", help="the benchmark suite: results JSON and a Markdown report")
-    bench.add_argument("--quick", action="store_true", help="tiny sizes: about 90 s on 2 CPU cores")
+    bench.add_argument("--quick", action="store_true", help="tiny sizes: about 2 minutes on 2 CPU cores")
     bench.add_argument("--only", nargs="+", default=None, help="benchmarks to run (default: all)")
     bench.add_argument("--output_dir", default="runs/bench", help="where the results go (default runs/bench)")
     bench.set_defaults(run=_bench)

@@ -56,7 +56,7 @@ def masked_taps(inputs, weight, keep):
 
     inputs [B, T+W-1, C]; weight [W, C]; keep [W, B, T] bool. Returns [B, T, C]. The backward is
     written out (the input gradient is itself a convolution of dy): XLA:CPU runs the automatic one,
-    a padded copy of dy per tap, about 3x slower.
+    a padded copy of dy per tap, several times slower.
     """
     t = keep.shape[-1]
     return sum(weight[i] * jnp.where(keep[i][..., None], inputs[:, i : i + t], 0.0) for i in range(weight.shape[0]))
