@@ -1,9 +1,11 @@
 """Loads a script of experiments/ as a module for the tests, the way `python experiments/<name>.py`
-sees its folder: experiments/ on sys.path, so that its sibling experiment_common imports."""
+sees its folder: experiments/ on sys.path, so that its sibling experiment_common imports; and runs
+its --quick mode."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 import pathlib
 import sys
 import types
@@ -21,3 +23,10 @@ def load(name: str) -> types.ModuleType:
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_quick(module: types.ModuleType, folder: pathlib.Path, *flags: str) -> tuple[pathlib.Path, dict]:
+    """`<script> --quick --output folder/<name>.json [flags]` -> (the results path, the record it wrote)."""
+    path = folder / f"{module.__name__.removesuffix('_experiment')}.json"
+    module.main(["--quick", "--output", str(path), *flags])
+    return path, json.loads(path.read_text())

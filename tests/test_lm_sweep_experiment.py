@@ -27,9 +27,7 @@ QUICK, FULL = lm_sweep.QUICK, lm_sweep.FULL
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
     root = tmp_path_factory.mktemp("lm_sweep")
-    path = root / "lm_sweep.json"
-    lm_sweep.main(["--quick", "--output", str(path), "--run_dir", str(root / "runs")])
-    return path, json.loads(path.read_text())
+    return experiment_scripts.run_quick(lm_sweep, root, "--run_dir", str(root / "runs"))
 
 
 def test_quick_run_writes_a_record_per_contender_a_plot_and_a_table(quick):

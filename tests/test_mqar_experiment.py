@@ -7,7 +7,6 @@ its compiled steps (the compilations are most of this file's time)."""
 
 from __future__ import annotations
 
-import json
 import types
 
 import jax
@@ -32,9 +31,7 @@ LR = QUICK.learning_rates[0]
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    path = tmp_path_factory.mktemp("mqar") / "mqar.json"
-    mqar.main(["--quick", "--output", str(path)])
-    return path, json.loads(path.read_text())
+    return experiment_scripts.run_quick(mqar, tmp_path_factory.mktemp("mqar"))
 
 
 def test_quick_run_writes_every_run_the_best_and_a_plot(quick):

@@ -3,7 +3,6 @@ held-out seeds, the evaluation batches and the long-context copy of a HAM model 
 
 from __future__ import annotations
 
-import json
 import math
 
 import jax
@@ -22,9 +21,7 @@ QUICK, FULL = needle.QUICK, needle.FULL
 
 @pytest.fixture(scope="module")
 def quick(tmp_path_factory):
-    path = tmp_path_factory.mktemp("needle") / "needle.json"
-    needle.main(["--quick", "--output", str(path)])
-    return path, json.loads(path.read_text())
+    return experiment_scripts.run_quick(needle, tmp_path_factory.mktemp("needle"))
 
 
 def test_quick_run_writes_every_contender_at_every_length_and_a_plot(quick):
