@@ -319,6 +319,26 @@ def test_gradients_chunk_recurrent_and_float64_agree(inputs_kind):
             assert err <= TOL, f"d/d{name} {label}: relative RMS error {err:.2e} > {TOL:.0e}"
 
 
+@pytest.mark.parametrize("n", [1, 5, 64])
+def test_unit_lower_inverse_and_its_backward_match_float64(n):
+    """(I + L)^-1 and its written-out backward against NumPy's float64 inverse and JAX's float64
+    autodiff of jnp.linalg.inv, on a batch of strictly lower L (n = 5 exercises the padding)."""
+    rng = np.random.default_rng(48)
+    lower = np.tril(rng.standard_normal((3, 2, n, n)) * 0.3, -1)
+    cotangent = rng.standard_normal(lower.shape)
+    inverse, vjp = jax.vjp(ops.delta_rule.unit_lower_inverse, jnp.asarray(lower, jnp.float32))
+    (grad,) = vjp(jnp.asarray(cotangent, jnp.float32))
+    with jax.enable_x64(True):
+        def reference(x):
+            return jnp.sum(jnp.linalg.inv(jnp.eye(n) + jnp.tril(x, -1)) * cotangent)
+
+        grad64 = np.asarray(jax.grad(reference)(jnp.asarray(lower, jnp.float64)))
+    assert grad64.dtype == np.float64
+    assert rel_rms(inverse, np.linalg.inv(np.eye(n) + lower)) <= TOL
+    assert rel_rms(grad, grad64) <= TOL if n > 1 else np.all(np.asarray(grad) == 0.0)
+    assert np.all(np.asarray(grad)[..., np.triu_indices(n)[0], np.triu_indices(n)[1]] == 0.0)
+
+
 # ---------------------------------------------------------------------- dtypes and fla API
 
 

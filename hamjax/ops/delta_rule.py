@@ -215,12 +215,15 @@ def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
     return _from_chunks(o, t), state, _from_chunks(e, t)
 
 
+@jax.custom_vjp
 def unit_lower_inverse(strict_lower):
     """(I + L)^-1 for strictly lower-triangular L [..., n, n], by block recursion on matmuls.
 
     At each level the inverses of two diagonal blocks A, D give that of [[A, 0], [X, D]] as
-    [[A^-1, 0], [-D^-1 X A^-1, D^-1]]. Only matmuls: fast on every backend and cheap to
-    differentiate (jaxlib 0.10's batched LAPACK triangular solve can deadlock on a 2-thread CPU pool).
+    [[A^-1, 0], [-D^-1 X A^-1, D^-1]]. Only matmuls: fast on every backend (jaxlib 0.10's batched
+    LAPACK triangular solve can deadlock on a 2-thread CPU pool). The backward is the inverse's own,
+    dL = StrictLower(-Y^T dY Y^T) with Y = (I + L)^-1: two full matmuls instead of differentiating
+    the recursion's gathers and concatenations.
     """
     n = strict_lower.shape[-1]
     size = 1 << (n - 1).bit_length()  # pad to a power of two; identity rows in the padding
@@ -241,6 +244,20 @@ def unit_lower_inverse(strict_lower):
         inv = jnp.concatenate([top, bottom], axis=-2)
         block *= 2
     return inv[..., 0, :n, :n]
+
+
+def _unit_lower_inverse_fwd(strict_lower):
+    inv = unit_lower_inverse(strict_lower)
+    return inv, inv
+
+
+def _unit_lower_inverse_bwd(inv, d_inv):
+    inv_t = jnp.swapaxes(inv, -1, -2)
+    n = inv.shape[-1]
+    return (jnp.where(np.tri(n, k=-1, dtype=bool), -(inv_t @ d_inv @ inv_t), 0.0),)
+
+
+unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
 
 
 def _check_sequence_inputs(q, k, v, g, beta, initial_state, segment_ids) -> None:
