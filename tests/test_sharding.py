@@ -174,7 +174,7 @@ def test_parameters_and_optimizer_state_are_split(runs, mesh):
     split = {name: array["shard"] for name, array in arrays.items()}
     gate = "0/blocks/0/mlp/gate_proj/kernel"
     assert split[gate] == [d // sizes["fsdp"], hidden // sizes["tensor"]]
-    assert split["1/opt_state/1/0/mu/blocks/0/mlp/gate_proj/kernel"] == split[gate]
+    assert split["1/opt_state/1/mu/blocks/0/mlp/gate_proj/kernel"] == split[gate]
     assert split["0/embed/embedding"] == [config.model.vocab_size // sizes["tensor"], d // sizes["fsdp"]]
     assert split["0/blocks/1/mixer/q_proj/kernel"][1] == config.model.heads * config.model.key_dim // sizes["tensor"]
 

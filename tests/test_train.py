@@ -40,10 +40,12 @@ from hamjax.train import (
     NonFiniteLoss,
     TrainConfig,
     bits_per_byte,
+    learning_rate_schedule,
     make_optimizer,
     preset,
     train,
     train_step,
+    weight_decay_mask,
 )
 from hamjax.train import loop
 from hamjax.train import step as step_module
@@ -340,11 +342,38 @@ def test_same_config_reuses_the_compiled_train_step():
     Two builds of one config must have equal definitions, or every train() call in a process (each
     resume, each run of a sweep or notebook) compiles the step again (~20 s for the tiny preset here)."""
     config = preset("tiny")
-    (model, optimizer), (model_again, optimizer_again) = build(config), build(config)
+    swept = dataclasses.replace(config, train=dataclasses.replace(config.train, learning_rate=1e-2, seed=7))
+    (model, optimizer), (model_again, optimizer_again) = build(config), build(swept)
     assert nnx.graphdef(model) == nnx.graphdef(model_again)
     assert nnx.graphdef(optimizer) == nnx.graphdef(optimizer_again), (
-        "make_optimizer builds a new optax transformation (new function objects) for each call"
+        "make_optimizer builds a new optax transformation for each call or each learning rate"
     )
+
+
+@pytest.mark.parametrize("learning_rate", [3e-3, 1e-2])
+def test_optimizer_steps_as_optax_adamw(learning_rate):
+    """make_optimizer (peak learning rate in the state) updates the parameters as clipping then
+    optax.adamw with the schedule built from the config, over steps in warmup and in decay."""
+    model_config = dataclasses.replace(preset("tiny").model, n_layers=1, pattern="ham")
+    config = TrainConfig(steps=6, warmup_steps=2, learning_rate=learning_rate, weight_decay=0.3, clip_norm=0.5)
+    model = LanguageModel(model_config, rngs=nnx.Rngs(0))
+    reference_model = nnx.clone(model)
+    optimizer = make_optimizer(model, config)
+    reference = nnx.Optimizer(reference_model, optax.chain(
+        optax.clip_by_global_norm(config.clip_norm),
+        optax.adamw(learning_rate_schedule(config), b1=config.beta1, b2=config.beta2,
+                    weight_decay=config.weight_decay, mask=weight_decay_mask(reference_model)),
+    ), wrt=nnx.Param)
+    params = nnx.state(model, nnx.Param)
+    for step in range(5):
+        keys = iter(jax.random.split(jax.random.PRNGKey(step), len(jax.tree.leaves(params))))
+        grads = jax.tree.map(lambda p: jax.random.normal(next(keys), p.shape), params)
+        optimizer.update(model, grads)
+        reference.update(reference_model, grads)
+    got = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(nnx.state(model, nnx.Param)))[0]
+    want = jax.tree.leaves(nnx.to_pure_dict(nnx.state(reference_model, nnx.Param)))
+    for (path, p), r in zip(got, want):
+        np.testing.assert_allclose(p, r, rtol=1e-6, atol=1e-7, err_msg=jax.tree_util.keystr(path))
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -528,6 +557,8 @@ def test_non_finite_gradient_is_not_called_a_good_checkpoint(tmp_path, monkeypat
         return loss + 0.0 * jnp.sum(jnp.sqrt(jnp.abs(scale - 1.0))), stats
 
     monkeypatch.setattr(step_module, "_loss_sum", loss_sum_with_nan_gradient)
+    # Compiled afresh: a step compiled by an earlier test for the same graph would skip the patch.
+    monkeypatch.setattr(step_module, "_compiled_train", functools.lru_cache(step_module._compiled_train.__wrapped__))
     config = run_config(tmp_path / "run", "--save_every", "1")
     with pytest.raises(NonFiniteLoss) as error:
         train(config, progress=False)

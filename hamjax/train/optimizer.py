@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
+import jax.numpy as jnp
 import optax
 from flax import nnx
 
@@ -34,21 +36,32 @@ def weight_decay_mask(model: nnx.Module) -> nnx.State:
 
 def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
     """nnx.Optimizer over the model's nnx.Params (the threshold is not one: its controller moves it).
-    Equal configs and masks share one transformation object, so a rebuilt optimizer (a resumed
-    run, a sweep) reuses the jitted train step instead of compiling it again."""
+
+    AdamW as optax.adamw computes it, with the peak learning rate held in the optimizer state
+    (optax.inject_hyperparams) rather than in the transformation. Configs that differ only outside
+    the optimizer's settings (learning rate, seed, batch size, ...) share one transformation object,
+    so a rebuilt optimizer (a resumed run, a sweep over learning rates or seeds) reuses the jitted
+    train step instead of compiling it again.
+    """
     leaves, treedef = jax.tree.flatten(weight_decay_mask(model))
-    return nnx.Optimizer(model, _transformation(config, treedef, tuple(leaves)), wrt=nnx.Param)
+    settings = {name: getattr(config, name) for name in _SETTINGS}
+    optimizer = nnx.Optimizer(model, _transformation(TrainConfig(**settings), treedef, tuple(leaves)), wrt=nnx.Param)
+    optimizer.opt_state[-1].hyperparams["peak"][...] = jnp.asarray(config.learning_rate, jnp.float32)
+    return optimizer
+
+
+_SETTINGS = ("steps", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip_norm")
 
 
 @functools.lru_cache(maxsize=16)
 def _transformation(config: TrainConfig, mask_treedef, mask_leaves: tuple[bool, ...]) -> optax.GradientTransformation:
+    """optax.adamw's chain (Adam, masked decoupled weight decay, the scheduled step) after clipping.
+    The step is peak x the schedule of peak 1; peak is a hyperparameter in the state, set by make_optimizer."""
+    unit = learning_rate_schedule(dataclasses.replace(config, learning_rate=1.0))
+    scheduled_step = lambda peak: optax.scale_by_learning_rate(lambda count: peak * unit(count))
     return optax.chain(
         optax.clip_by_global_norm(config.clip_norm),
-        optax.adamw(
-            learning_rate_schedule(config),
-            b1=config.beta1,
-            b2=config.beta2,
-            weight_decay=config.weight_decay,
-            mask=jax.tree.unflatten(mask_treedef, mask_leaves),
-        ),
+        optax.scale_by_adam(b1=config.beta1, b2=config.beta2),
+        optax.add_decayed_weights(config.weight_decay, mask=jax.tree.unflatten(mask_treedef, mask_leaves)),
+        optax.inject_hyperparams(scheduled_step)(peak=1.0),
     )
