@@ -1,6 +1,6 @@
 """Pure JAX functions: everything a user composes into their own model. No Flax here."""
 
-from hamjax.ops.attention import attend, dense_routed_attention
+from hamjax.ops.attention import attend, causal_query_block, dense_routed_attention
 from hamjax.ops.delta_rule import (
     DeltaRuleResult,
     gated_delta_rule,
@@ -32,6 +32,7 @@ __all__ = [
     "append_tokens",
     "apply_rope",
     "attend",
+    "causal_query_block",
     "dense_routed_attention",
     "gated_delta_rule",
     "gated_delta_rule_step",

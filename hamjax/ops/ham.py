@@ -16,7 +16,7 @@ import jax.numpy as jnp
 
 from hamjax.ops import kv_cache as kv
 from hamjax.ops import validation
-from hamjax.ops.attention import attend, dense_routed_attention, masked_log
+from hamjax.ops.attention import attend, causal_query_block, dense_routed_attention, masked_log
 from hamjax.ops.delta_rule import gated_delta_rule_step, gated_delta_rule_with_errors
 from hamjax.ops.rope import apply_rope
 from hamjax.ops.routing import admit, kv_fraction, surprise_scores
@@ -134,6 +134,7 @@ def ham_sequence(
             segment_ids=segments,
             log_weights=masked_log(scores, admitted) if learned else None,
             cache=None if fresh else state.cache,
+            query_block=causal_query_block(t) if fresh else None,
         )
     else:
         if buffer_size is None:
