@@ -293,8 +293,8 @@ GRAD_INPUTS = {
 
 @pytest.mark.parametrize("inputs_kind", GRAD_INPUTS)
 def test_gradients_chunk_recurrent_and_float64_agree(inputs_kind):
-    """d loss / d (q, k, v, g, beta, initial_state): chunk vs recurrent, and recurrent vs the
-    float64 oracle differentiated by JAX under jax.enable_x64."""
+    """d loss / d (q, k, v, g, beta, initial_state): chunk (its chunks looped in Python and under
+    lax.scan) vs recurrent, and both vs the float64 oracle differentiated by JAX under jax.enable_x64."""
     base, expected = case(seed=45, batch=2, steps=45, heads=2, dk=5, dv=7)
     inputs = with_edge_gates(base, seed=46, **GRAD_INPUTS[inputs_kind])
     rng = np.random.default_rng(47)
@@ -306,15 +306,20 @@ def test_gradients_chunk_recurrent_and_float64_agree(inputs_kind):
         return jax.jit(jax.grad(loss_fn(fn, cotangents), argnums))(*args)
 
     grads = {method: gradients(sequence_fn(method, 16), args) for method in METHODS}
+    # 45 tokens in chunks of 16: 3 chunks, looped in Python; in chunks of 4: 12, under lax.scan.
+    assert -(-45 // 16) <= ops.delta_rule.UNROLLED_CHUNKS < -(-45 // 4)
+    grads["scanned"] = gradients(sequence_fn("chunk", 4), args)
     with jax.enable_x64(True):
         args64 = [jnp.asarray(x, jnp.float64) for x in args]
         grads64 = [np.asarray(x) for x in gradients(gated_delta_rule_reference_jax, args64)]
     assert all(x.dtype == np.float64 for x in grads64), "the reference gradients are not float64"
-    for name, chunk, recurrent, reference in zip(ARGS, grads["chunk"], grads["recurrent"], grads64):
-        chex.assert_type([chunk, recurrent], jnp.float32)
+    for name, chunk, scanned, recurrent, reference in zip(ARGS, grads["chunk"], grads["scanned"], grads["recurrent"],
+                                                          grads64):
+        chex.assert_type([chunk, scanned, recurrent], jnp.float32)
         for label, got, want in (("chunk vs recurrent", chunk, recurrent),
                                  ("recurrent vs float64", recurrent, reference),
-                                 ("chunk vs float64", chunk, reference)):
+                                 ("chunk vs float64", chunk, reference),
+                                 ("chunk (scanned) vs float64", scanned, reference)):
             err = rel_rms(got, want)
             assert err <= TOL, f"d/d{name} {label}: relative RMS error {err:.2e} > {TOL:.0e}"
 

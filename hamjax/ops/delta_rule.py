@@ -25,6 +25,7 @@ from hamjax.ops import validation
 from hamjax.ops.segments import segment_starts
 
 METHODS = ("chunk", "recurrent")
+UNROLLED_CHUNKS = 8  # the chunked form loops over chunks in Python up to this many, lax.scan beyond
 
 
 class DeltaRuleResult(NamedTuple):
@@ -199,7 +200,7 @@ def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
     k_to_end = k * jnp.where(to_end, jnp.exp(g_after), 0.0)[..., None]
     decay_all = jnp.where(from_start[..., -1], jnp.exp(jnp.sum(g, axis=-1)), 0.0)
 
-    # No jax.checkpoint: the body's residuals are its inputs and the carried state, which the scan
+    # No jax.checkpoint: the body's residuals are its inputs and the carried state, which it
     # outputs anyway.
     def body(s, xs):
         u_n, w_n, k_n, decay_n = xs
@@ -207,9 +208,17 @@ def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
         s_next = decay_n[..., None, None] * s + jnp.einsum("bhck,bhcv->bhkv", k_n, delta)
         return s_next, (s, delta)
 
-    xs = tuple(jnp.moveaxis(x, 2, 0) for x in (u, w, k_to_end, decay_all))
-    state, (chunk_states, delta) = jax.lax.scan(body, state, xs)
-    chunk_states, delta = jnp.moveaxis(chunk_states, 0, 2), jnp.moveaxis(delta, 0, 2)  # [B, H, N, K|C, V]
+    xs = (u, w, k_to_end, decay_all)  # chunks on axis 2
+    n = u.shape[2]
+    if n <= UNROLLED_CHUNKS:  # straight-line code: no loop for XLA to carry, stack and differentiate
+        per_chunk = []
+        for i in range(n):
+            state, out = body(state, tuple(x[:, :, i] for x in xs))
+            per_chunk.append(out)
+        chunk_states, delta = (jnp.stack(parts, axis=2) for parts in zip(*per_chunk))  # [B, H, N, K|C, V]
+    else:
+        state, (chunk_states, delta) = jax.lax.scan(body, state, tuple(jnp.moveaxis(x, 2, 0) for x in xs))
+        chunk_states, delta = jnp.moveaxis(chunk_states, 0, 2), jnp.moveaxis(delta, 0, 2)
     o = jnp.einsum("...ck,...kv->...cv", q * e_gamma, chunk_states) + qk @ delta
     e = v - jnp.einsum("...ck,...kv->...cv", k * e_gamma, chunk_states) - kk_strict @ delta
     return _from_chunks(o, t), state, _from_chunks(e, t)
