@@ -45,7 +45,7 @@ def test_delta_rule(suite):
 
 def test_ham_layer(suite):
     result = suite[1]["results"]["ham_layer"]
-    kinds = {"attention", "swa", "gdn", f"ham_cap{ham_layer.FIXED_CAPACITY}"}
+    kinds = {"attention", "attention_blocks", "swa", "gdn", f"ham_cap{ham_layer.FIXED_CAPACITY}"}
     kinds |= {f"ham_{f}" for f in ham_layer.QUICK_FRACTIONS}
     assert set(result["loglog_slope"]) == kinds
     for row in result["rows"]:
@@ -65,6 +65,18 @@ def test_the_sliding_window_contender_sees_the_last_window_keys():
     swa = ham_layer.windowed_attention(q, k, v, 0.5, window)
     np.testing.assert_allclose(swa, dense, rtol=1e-5, atol=1e-5)
     assert not np.allclose(ham_layer.windowed_attention(q, k, v, 0.5), dense, atol=1e-3)  # the window matters
+
+
+def test_the_blocked_attention_contender_computes_the_attention_contenders_gradients():
+    t, heads, dim = 200, 2, 8  # 4 query blocks of 64, the last one short
+    rng = np.random.default_rng(1)
+    q, k, v, cot = (jnp.asarray(rng.normal(size=(1, t, heads, dim)), jnp.float32) for _ in range(4))
+    args = (q, k, v, jnp.zeros((1, t, heads)), jnp.ones((1, t, heads)), cot, jnp.arange(t)[None],
+            jnp.full((heads,), dim**0.5, jnp.float32))
+    grads = {name: jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(*args)
+             for name, loss in (("dense", ham_layer.attention_loss()), ("blocks", ham_layer.blocked_attention_loss))}
+    for dense, blocks in zip(grads["dense"], grads["blocks"]):
+        np.testing.assert_allclose(blocks, dense, rtol=1e-4, atol=1e-5)
 
 
 def test_contenders_over_the_memory_budget_are_skipped_and_recorded():

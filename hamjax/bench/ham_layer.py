@@ -6,6 +6,8 @@
 Each contender is the token-mixing core of a layer of the same width (the q/k/v/gate projections
 and the output projection cost the same for all of them and are left out):
 - attention: causal softmax attention over every token with RoPE (`jax.nn.dot_product_attention`);
+- attention_blocks: the same attention as hamjax's layers run it without a cache
+  (`ops.dense_routed_attention` in causal query blocks: about half the T x T work);
 - swa: the same limited to the last `ModelConfig().window` = 128 keys, the query's own included
   (`local_window_size`; XLA still computes the T x T logits and masks them);
 - GDN: the chunked gated delta rule;
@@ -54,6 +56,16 @@ def attention_loss(window: int | None = None):
         return jnp.sum(windowed_attention(q, k, v, q.shape[-1] ** 0.5, window) * cot)
 
     return loss
+
+
+def blocked_attention_loss(q, k, v, g, beta, cot, positions, logit_scale):
+    """The same causal attention as hamjax runs it in a layer without a cache: every token a key of
+    `ops.dense_routed_attention`, in blocks of `ops.causal_query_block(T)` queries."""
+    q, k = ops.apply_rope(q, positions), ops.apply_rope(k, positions)
+    every = jnp.ones(q.shape[:3], bool)
+    out = ops.dense_routed_attention(q, k, v, every, positions, logit_scale=logit_scale,
+                                     query_block=ops.causal_query_block(q.shape[1]))
+    return jnp.sum(out * cot)
 
 
 def gdn_loss(q, k, v, g, beta, cot, positions, logit_scale):
@@ -113,7 +125,8 @@ def slopes(rows) -> dict[str, float]:
 
 def contenders(t: int, scores, fractions) -> dict:
     """name -> loss(q, k, v, g, beta, cot, positions, logit_scale) at length t."""
-    losses = {"attention": attention_loss(), "swa": attention_loss(WINDOW), "gdn": gdn_loss}
+    losses = {"attention": attention_loss(), "attention_blocks": blocked_attention_loss, "swa": attention_loss(WINDOW),
+              "gdn": gdn_loss}
     for f in fractions:
         losses[f"ham_{f}"] = ham_loss(float(np.quantile(scores, 1.0 - f)), max(1, round(f * t)))
     losses[f"ham_cap{FIXED_CAPACITY}"] = ham_loss(float(np.quantile(scores, 0.75)), FIXED_CAPACITY)
