@@ -108,7 +108,7 @@ def dense_routed_attention(
     key_side = (keys, values, key_positions, key_valid, key_segments, key_log_weights)  # S on axis 2
 
     def read(first_query, end, keep):
-        """Queries first_query..end-1 against the keys in slice `keep`."""
+        """Queries first_query..end-1 (clipped to T) against the keys in slice `keep`."""
         k_, v_, k_pos, k_valid, k_seg, k_log_w = (None if x is None else x[:, :, keep] for x in key_side)
         return attend(
             q[:, first_query:end],
@@ -130,8 +130,8 @@ def dense_routed_attention(
     if cache is not None:
         raise ValueError("query_block needs keys aligned with the queries: it cannot be used with a cache")
     first_key = lambda a: 0 if window is None else max(0, a - window + 1)
-    ends = [min(a + query_block, t) for a in range(0, t, query_block)]
-    return jnp.concatenate([read(a, e, slice(first_key(a), e)) for a, e in zip(range(0, t, query_block), ends)], axis=1)
+    blocks = [read(a, a + query_block, slice(first_key(a), a + query_block)) for a in range(0, t, query_block)]
+    return jnp.concatenate(blocks, axis=1)
 
 
 def causal_query_block(t: int) -> int:
