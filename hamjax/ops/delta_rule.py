@@ -171,7 +171,7 @@ def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
 
     starts [B, T] bool marks tokens whose state is reset to zero before they are read.
     Padding tokens have k = v = 0, g = beta = 0, so they leave the state untouched.
-    Everything that does not depend on the state is computed for all chunks at once; the scan over
+    Everything that does not depend on the state is computed for all chunks at once; the loop over
     chunks only carries S through Delta = U - W S and S' = e^{gamma_C} S + (K e^{gamma_C - gamma})^T Delta.
     Decay between tokens i >= j of a chunk is exp(g_{j+1} + ... + g_i), summed directly rather than as
     a difference of running totals, which would cancel catastrophically after a very negative g.

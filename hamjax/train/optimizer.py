@@ -34,6 +34,10 @@ def weight_decay_mask(model: nnx.Module) -> nnx.State:
     return jax.tree.map(decays, params, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
+# The TrainConfig fields the transformation depends on; the learning rate goes into its state.
+_SETTINGS = ("steps", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip_norm")
+
+
 def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
     """nnx.Optimizer over the model's nnx.Params (the threshold is not one: its controller moves it).
 
@@ -48,9 +52,6 @@ def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
     optimizer = nnx.Optimizer(model, _transformation(TrainConfig(**settings), treedef, tuple(leaves)), wrt=nnx.Param)
     optimizer.opt_state[-1].hyperparams["peak"][...] = jnp.asarray(config.learning_rate, jnp.float32)
     return optimizer
-
-
-_SETTINGS = ("steps", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip_norm")
 
 
 @functools.lru_cache(maxsize=16)
