@@ -279,3 +279,20 @@ def admit_reference(scores, tau, capacity, valid=None, segment_ids=None, initial
                     admitted[b, t, h] = True
                     count += 1
     return admitted
+
+
+def masked_attention_reference_jax(q, keys, values, mask, logit_scale, log_weights=None):
+    """`masked_attention_reference` as one float64 jnp expression, to differentiate with JAX (call
+    it under `jax.enable_x64(True)`). Queries with no key read 0."""
+    import jax.numpy as jnp
+
+    q, keys, values, logit_scale = (jnp.asarray(x, jnp.float64) for x in (q, keys, values, logit_scale))
+    logits = jnp.einsum("bthk,bhsk->bhts", q, keys) * logit_scale[:, None, None]
+    if log_weights is not None:
+        logits = logits + jnp.asarray(log_weights, jnp.float64)[:, :, None, :]
+    logits = jnp.where(mask, logits, -jnp.inf)
+    peak = jnp.max(logits, axis=-1, keepdims=True, initial=-jnp.inf)
+    weights = jnp.where(mask, jnp.exp(logits - jnp.where(jnp.isfinite(peak), peak, 0.0)), 0.0)
+    total = jnp.sum(weights, axis=-1, keepdims=True)
+    out = jnp.einsum("bhts,bhsv->bhtv", weights / jnp.where(total > 0, total, 1.0), values)
+    return jnp.moveaxis(out, 1, 2)
