@@ -33,7 +33,7 @@ Setting, chosen for the compute budget (the whole default run in about 20 minute
 project's 2 CPU cores when nothing else runs):
 - Width: d_model 64, 2 heads of key and value dim 32 (the `small` preset at half its width), 4
   layers; T = 128 bytes per row (half the preset's); HAM with the surprise router, capacity T (room
-  for every token, so the controller alone sets the fraction), the dense routed attention, tau_lr
+  for every token, so the controller alone sets the fraction), the default (compacted) routed attention, tau_lr
   0.1 and no freeze; GDN chunk 64.
 - A sliding window of T / 2: GDN + SWA then holds a quarter of the tokens, as GDN + attention and
   HAM at 0.25 do, so three contenders meet at the same KV fraction.
@@ -123,12 +123,12 @@ def contenders(setting: Setting) -> list[dict]:
 
 
 def model_config(setting: Setting, pattern: str, kv_target: float | None) -> ModelConfig:
-    """The `small` preset's model resized to the setting, HAM capacity T and dense routed attention."""
+    """The `small` preset's model resized to the setting, with HAM capacity T."""
     s = setting
     return dataclasses.replace(
         preset("small").model, d_model=s.d_model, n_layers=s.n_layers, pattern=pattern, heads=s.heads,
         key_dim=s.head_dim, value_dim=s.head_dim, window=s.window, capacity=s.seq_len, kv_target=kv_target,
-        ham_attention="dense", chunk_size=s.chunk_size,
+        chunk_size=s.chunk_size,
     )
 
 

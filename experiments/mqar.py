@@ -135,13 +135,12 @@ def models(setting: Setting) -> list[dict]:
 
 def model_config(setting: Setting, pattern: str, kv_target: float | None, seq_len: int) -> ModelConfig:
     """The `tiny` preset's model resized: the setting's width and vocabulary, HAM capacity T (room
-    for every token, so the controller alone sets the fraction) and the dense routed attention (the
-    cheaper path while capacity >= T)."""
+    for every token, so the controller alone sets the fraction)."""
     s = setting
     return dataclasses.replace(
         preset("tiny").model, vocab_size=s.vocab_size, d_model=s.d_model, n_layers=2, pattern=pattern,
         heads=s.heads, key_dim=s.head_dim, value_dim=s.head_dim, window=s.window, capacity=seq_len,
-        kv_target=kv_target if kv_target is not None else 0.25, ham_attention="dense", chunk_size=s.chunk_size,
+        kv_target=kv_target if kv_target is not None else 0.25, chunk_size=s.chunk_size,
     )
 
 

@@ -142,13 +142,12 @@ def models(setting: Setting) -> list[dict]:
 def model_config(setting: Setting, pattern: str, kv_target: float | None) -> ModelConfig:
     """The `tiny` preset's model resized: bytes (vocabulary 256), the setting's width and depth,
     HAM capacity = the first stage's length (room for every token, so the controller alone sets the
-    fraction; `at_length` raises it for longer rows) and the dense routed attention (the cheaper
-    path while capacity >= T)."""
+    fraction; `at_length` raises it for longer rows)."""
     s = setting
     return dataclasses.replace(
         preset("tiny").model, vocab_size=256, d_model=s.d_model, n_layers=s.n_layers, pattern=pattern,
         heads=s.heads, key_dim=s.head_dim, value_dim=s.head_dim, capacity=s.stages[0][0],
-        kv_target=kv_target if kv_target is not None else 0.25, ham_attention="dense", chunk_size=s.chunk_size,
+        kv_target=kv_target if kv_target is not None else 0.25, chunk_size=s.chunk_size,
     )
 
 

@@ -13,7 +13,9 @@ import numpy as np
 import pytest
 
 from hamjax import ops
+from hamjax.ops import blockwise_attention
 from hamjax.ops import kv_cache as kv
+from hamjax.ops.segments import segment_index
 from oracles import masked_attention_reference, rel_rms, rope_reference
 
 TOL = 1e-5  # relative RMS error allowed for float32 against the float64 oracle
@@ -187,42 +189,36 @@ def test_dense_routed_attention_matches_oracle_and_compacted_buffer(segments, lo
 
 
 @pytest.mark.parametrize("window", [None, 5], ids=["causal", "window5"])
-@pytest.mark.parametrize("query_block", [1, 4, 7, 23, 64])
-def test_dense_routed_attention_in_query_blocks_equals_one_block(query_block, window):
-    """query_block: queries in blocks, each reading only the keys before its end and (with a window)
-    after its first query's window start, give the one-block result and gradients. 23 tokens: blocks
-    of 4 and 7 leave a short last block, 23 and 64 make one; with segments and learned-router weights."""
+@pytest.mark.parametrize("with_cache", [False, True], ids=["no_cache", "cache"])
+def test_dense_routed_attention_blockwise_equals_one_block(with_cache, window, monkeypatch):
+    """blockwise=True (ops.blockwise_attend, as the attention layers call it) gives the one-block
+    result and gradients, with segments, learned-router weights, a window and a cache's entries,
+    in blocks of 4 queries and 3 keys (blocks that straddle segments and the cache's end)."""
+    monkeypatch.setattr(blockwise_attention, "QUERY_BLOCK", 4)
+    monkeypatch.setattr(blockwise_attention, "KEY_BLOCK", 3)
     x = routed_case(5)
     cotangent = np.random.default_rng(6).standard_normal((B, T, H, V)).astype(np.float32)
+    cache = None
+    if with_cache:  # entries at positions 0..4, before the sequence's first token (5)
+        rng = np.random.default_rng(7)
+        cache = kv.append_tokens(ops.init_kv_cache(B, H, 6, K, V), unit(rng.standard_normal((B, 5, H, K))),
+                                 rng.standard_normal((B, 5, H, V)).astype(np.float32), np.arange(5)[None],
+                                 rng.uniform(0.1, 1.0, (B, 5, H)), rng.random((B, 5, H)) < 0.6)
+    segments = np.asarray(segment_index(x["segment_ids"]))
 
-    def output_and_grads(block):
+    def output_and_grads(blockwise):
         def attention(q, k, v, log_weights):
             return ops.dense_routed_attention(q, k, v, x["admitted"], x["positions"], logit_scale=LOGIT_SCALE,
-                                              segment_ids=x["segment_ids"], log_weights=log_weights,
-                                              window=window, query_block=block)
+                                              segment_ids=segments, log_weights=log_weights, cache=cache,
+                                              window=window, blockwise=blockwise)
 
         out, vjp = jax.vjp(jax.jit(attention), x["q"], x["k"], x["v"], x["log_weights"])
         return out, vjp(cotangent)
 
-    (out, grads), (one_out, one_grads) = output_and_grads(query_block), output_and_grads(None)
-    assert_close(out, np.asarray(one_out, np.float64), f"output, query_block={query_block}", tol=1e-6)
+    (out, grads), (one_out, one_grads) = output_and_grads(True), output_and_grads(False)
+    assert_close(out, np.asarray(one_out, np.float64), "output, blockwise", tol=1e-6)
     for name, got, want in zip(("q", "k", "v", "log_weights"), grads, one_grads):
-        assert_close(got, np.asarray(want, np.float64), f"d/d{name}, query_block={query_block}", tol=1e-6)
-
-
-def test_query_block_bad_input_raises():
-    x = routed_case(5)
-    call = functools.partial(ops.dense_routed_attention, x["q"], x["k"], x["v"], x["admitted"], x["positions"],
-                             logit_scale=LOGIT_SCALE)
-    with pytest.raises(ValueError, match="query_block"):
-        call(query_block=0)
-    with pytest.raises(ValueError, match="query_block .*cache"):
-        call(query_block=8, cache=ops.init_kv_cache(B, H, 4, K, V))
-
-
-@pytest.mark.parametrize("t, block", [(1, 64), (256, 64), (512, 64), (513, 65), (4096, 512)])
-def test_causal_query_block(t, block):
-    assert ops.causal_query_block(t) == block
+        assert_close(got, np.asarray(want, np.float64), f"d/d{name}, blockwise", tol=1e-6)
 
 
 # -------------------------------------------------------------------------------------------- RoPE

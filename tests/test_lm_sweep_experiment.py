@@ -75,7 +75,7 @@ def test_kv_fractions_of_the_full_settings_hybrids():
     assert swa == [0.0, 0.5, 0.0, 0.5] and np.mean(swa) == 0.25  # the window: half a row
     assert config("gdn").kv_fractions(FULL.seq_len, []) == [0.0] * 4
     ham = lm_sweep.model_config(FULL, "ham", 0.1)
-    assert ham.capacity == FULL.seq_len and ham.kv_target == 0.1 and ham.ham_attention == "dense"
+    assert ham.capacity == FULL.seq_len and ham.kv_target == 0.1 and ham.ham_attention == "compacted"
 
 
 def test_quick_contenders_are_matched_to_the_transformers_parameters(quick):

@@ -129,7 +129,7 @@ class Attention(nnx.Module):
             segment_ids=None if segment_ids is None else segment_index(segment_ids),
             cache=cache,
             window=self.window,
-            query_block=ops.causal_query_block(t) if cache is None else None,
+            blockwise=True,
         )
         y = self.out_proj(o.reshape(batch, t, -1))
         return y, None if cache is None else cache.write(k, v, positions, valid)

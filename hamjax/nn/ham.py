@@ -70,7 +70,8 @@ class HAM(nnx.Module):
     router: "surprise" or "learned" (MLP hidden width `router_hidden`, default D // 4);
     threshold: ops.ThresholdConfig, tau's initial value and controller (see `update_threshold`);
     logit_scale_init: lambda_h's initial value (default sqrt(K)); rope_theta: RoPE base at the
-    entries' original positions (None: no RoPE); attention: "compacted" (T x C) or "dense" (T x T
+    entries' original positions (None: no RoPE); attention: "compacted" (blockwise over a buffer
+    of the admitted tokens: work follows them, memory linear in T) or "dense" (the T x T
     reference); chunk_size: the delta rule's chunk. gamma_h starts at 1.
     """
 

@@ -33,8 +33,9 @@ class ModelConfig:
     Attention layers use `heads` heads of size `key_dim`. HAM: `capacity` KV slots per row and head,
     `router`, and the threshold (tau_init; kv_target None keeps tau fixed, otherwise the controller
     moves log tau by tau_lr * (measured - target) each training step after tau_freeze_steps).
-    mlp_hidden None: 8/3 d_model rounded up to a multiple of 32. ham_attention: "dense" (T x T,
-    masked) or "compacted" (T x buffer); dense is the cheaper one while capacity >= T.
+    mlp_hidden None: 8/3 d_model rounded up to a multiple of 32. ham_attention: "compacted"
+    (blockwise over a buffer of the admitted tokens: the fastest, by `hamjax bench` packed_step)
+    or "dense" (the T x T reference).
     """
 
     vocab_size: int = 256
@@ -52,7 +53,7 @@ class ModelConfig:
     kv_target: float | None = 0.25
     tau_lr: float = 0.1
     tau_freeze_steps: int = 0
-    ham_attention: str = "dense"
+    ham_attention: str = "compacted"
     rope_theta: float | None = 10000.0
     conv_width: int = 4
     chunk_size: int = 64

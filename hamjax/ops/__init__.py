@@ -1,6 +1,7 @@
 """Pure JAX functions: everything a user composes into their own model. No Flax here."""
 
-from hamjax.ops.attention import attend, causal_query_block, dense_routed_attention
+from hamjax.ops.attention import attend
+from hamjax.ops.blockwise_attention import blockwise_attend
 from hamjax.ops.delta_rule import (
     DeltaRuleResult,
     gated_delta_rule,
@@ -10,6 +11,7 @@ from hamjax.ops.delta_rule import (
 from hamjax.ops.ham import HamOutput, HamState, ham_sequence, ham_step, init_ham_state
 from hamjax.ops.kv_cache import KVCache, append_tokens, init_kv_cache, insert_evicting
 from hamjax.ops.rope import apply_rope
+from hamjax.ops.routed_attention import dense_routed_attention
 from hamjax.ops.routing import (
     ThresholdConfig,
     ThresholdState,
@@ -32,7 +34,7 @@ __all__ = [
     "append_tokens",
     "apply_rope",
     "attend",
-    "causal_query_block",
+    "blockwise_attend",
     "dense_routed_attention",
     "gated_delta_rule",
     "gated_delta_rule_step",

@@ -16,7 +16,9 @@ import jax.numpy as jnp
 
 from hamjax.ops import kv_cache as kv
 from hamjax.ops import validation
-from hamjax.ops.attention import attend, causal_query_block, dense_routed_attention, masked_log
+from hamjax.ops.attention import attend, masked_log
+from hamjax.ops.blockwise_attention import blockwise_attend
+from hamjax.ops.routed_attention import dense_routed_attention
 from hamjax.ops.delta_rule import gated_delta_rule_step, gated_delta_rule_with_errors
 from hamjax.ops.rope import apply_rope
 from hamjax.ops.routing import admit, kv_fraction, surprise_scores
@@ -71,7 +73,6 @@ def ham_sequence(
     segment_ids=None,
     rope_theta: float | None = 10000.0,
     attention: str = "compacted",
-    buffer_size: int | None = None,
     method: str = "chunk",
     chunk_size: int = 64,
 ) -> HamOutput:
@@ -85,10 +86,12 @@ def ham_sequence(
     padding: no RNN update, never admitted); segment_ids [B, T] (packed sequences: a new segment
     resets the RNN state and empties the cache).
 
-    attention="dense" is the T x T reference; "compacted" gathers the admitted tokens into a buffer
-    of `buffer_size` slots (default: the cache capacity, or capacity + T with segment_ids, since
-    every segment may fill its own cache; from an empty start, no more than T) and attends
-    T x buffer_size.
+    attention="dense" is the T x T reference; "compacted" gathers the cache's entries and the
+    admitted tokens of every segment, in position order, into a buffer with room for all of them
+    (the cache capacity; with segment_ids T more, as each segment may fill a cache of its own;
+    from an empty start at most T) and attends to it blockwise (ops.blockwise_attend): each block
+    of queries reads only the key blocks it can see, so the work follows the admitted tokens and
+    the memory grows linearly in T.
     """
     fresh = state is None
     if fresh:
@@ -99,7 +102,7 @@ def ham_sequence(
         state = init_ham_state(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], capacity)
     elif capacity is not None and capacity != state.cache.capacity:
         raise ValueError(f"capacity {capacity} differs from the state's cache capacity {state.cache.capacity}")
-    _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention, buffer_size)
+    _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention)
     batch, t = q.shape[:2]
     capacity = state.cache.capacity
     valid = jnp.ones((batch, t), bool) if valid is None else jnp.asarray(valid, bool)
@@ -134,19 +137,17 @@ def ham_sequence(
             segment_ids=segments,
             log_weights=masked_log(scores, admitted) if learned else None,
             cache=None if fresh else state.cache,
-            query_block=causal_query_block(t) if fresh else None,
         )
     else:
-        if buffer_size is None:
-            buffer_size = capacity if segment_ids is None else capacity + t
-            buffer_size = min(buffer_size, t) if fresh else buffer_size
+        buffer_size = capacity if segment_ids is None else capacity + t
+        buffer_size = min(buffer_size, t) if fresh else buffer_size
         start = (
             kv.init_kv_cache(batch, q.shape[2], buffer_size, q.shape[3], v.shape[-1])
             if fresh
             else kv.resize(state.cache, buffer_size)
         )
         buffer = kv.append_tokens(start, k_rot, v, positions, scores, admitted)
-        o_attn = attend(
+        o_attn = blockwise_attend(
             q_rot,
             positions,
             buffer.keys,
@@ -225,7 +226,7 @@ def ham_step(
     )
 
 
-def _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention, buffer_size):
+def _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention):
     validation.check_choice("attention", attention, ATTENTION_PATHS)
     validation.check_rank("q", q, 4, "[B, T, H, K]")
     batch, t, heads, dk = q.shape
@@ -234,10 +235,6 @@ def _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, at
         validation.check_shape("router_scores", router_scores, (batch, t, heads), "[B, T, H]")
     if valid is not None:
         validation.check_shape("valid", valid, (batch, t), "[B, T]")
-    if buffer_size is not None:
-        validation.check_positive_int("buffer_size", buffer_size)
-        if buffer_size < state.cache.capacity:
-            raise ValueError(f"buffer_size must be at least the cache capacity {state.cache.capacity}, got {buffer_size}")
 
 
 def _check_step_args(q, v, state, tau, logit_scale, router_score, valid):
