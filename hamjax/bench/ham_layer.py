@@ -6,8 +6,9 @@
 Each contender is the token-mixing core of a layer of the same width (the q/k/v/gate projections
 and the output projection cost the same for all of them and are left out):
 - attention: causal softmax attention over every token with RoPE (`jax.nn.dot_product_attention`);
-- attention_blocks: the same attention as hamjax's layers run it without a cache
-  (`ops.dense_routed_attention` in causal query blocks: about half the T x T work);
+- attention_blocks: the same attention as hamjax's layers run it (`ops.blockwise_attend` through
+  `ops.dense_routed_attention`: blocks of queries read only the key blocks they can see, about
+  half the T x T work, in memory linear in T);
 - swa: the same limited to the last `ModelConfig().window` = 128 keys, the query's own included
   (`local_window_size`; XLA still computes the T x T logits and masks them);
 - GDN: the chunked gated delta rule;
@@ -59,12 +60,12 @@ def attention_loss(window: int | None = None):
 
 
 def blocked_attention_loss(q, k, v, g, beta, cot, positions, logit_scale):
-    """The same causal attention as hamjax runs it in a layer without a cache: every token a key of
-    `ops.dense_routed_attention`, in blocks of `ops.causal_query_block(T)` queries."""
+    """The same causal attention as hamjax runs it in a layer: every token a key of
+    `ops.dense_routed_attention`, blockwise."""
     q, k = ops.apply_rope(q, positions), ops.apply_rope(k, positions)
     every = jnp.ones(q.shape[:3], bool)
     out = ops.dense_routed_attention(q, k, v, every, positions, logit_scale=logit_scale,
-                                     query_block=ops.causal_query_block(q.shape[1]))
+                                     blockwise=True)
     return jnp.sum(out * cot)
 
 

@@ -1,10 +1,10 @@
 """Peak memory of a training step against T: HAM vs Transformer vs GDN, from XLA's buffer assignment.
 
-    python experiments/bench_memory.py            # T in {512, 1k, 2k, 4k, 8k}, one row of T tokens
+    python experiments/bench_memory.py            # T in {512, 1k, 2k, 4k, 8k, 16k}, one row of T tokens
     python experiments/bench_memory.py --quick    # the tiny preset's shape, T in {64, 128}, HAM and Transformer
 
-The `small` preset's model shape, one row per step (A = B = 1): HAM (the preset: dense routed
-attention, T x T masked), HAM with compacted routed attention (T x buffer), a Transformer (pattern
+The `small` preset's model shape, one row per step (A = B = 1): HAM (the preset: compacted routed
+attention, blockwise), HAM with the dense T x T reference attention, a Transformer (pattern
 "attention") and GDN. For each model and T the training step (`hamjax.train.step.state_train_step`:
 train_step with its optimizer update, as a function of the model and optimizer state) is compiled,
 and XLA's memory analysis of it gives argument, output, temp and alias
@@ -35,7 +35,7 @@ from hamjax.train.loop import build
 from hamjax.train.step import state_train_step
 
 DEFAULT_OUTPUT = "runs/bench/memory.json"
-NAMES = ("ham", "ham_compacted", "transformer", "gdn")
+NAMES = ("ham", "ham_dense", "transformer", "gdn")
 QUICK_NAMES = ("ham", "transformer")
 MIB = 2**20
 
@@ -60,7 +60,7 @@ def device_peak(compiled, args, need: int) -> int | None:
 
 
 def main(argv=None):
-    lengths, _, output, quick = parse_args(argv, __doc__, DEFAULT_OUTPUT, [512, 1024, 2048, 4096, 8192], None,
+    lengths, _, output, quick = parse_args(argv, __doc__, DEFAULT_OUTPUT, [512, 1024, 2048, 4096, 8192, 16384], None,
                                            [64, 128], None)
     names, preset_name = (QUICK_NAMES, "tiny") if quick else (NAMES, "small")
     rows = []

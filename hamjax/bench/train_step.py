@@ -3,8 +3,8 @@
     python experiments/bench_train_step.py            # the small preset: B=16 rows of T=256
     python experiments/bench_train_step.py --quick    # the tiny preset (B=4, T=64), HAM and Transformer, 1 repeat
 
-The models: the `small` preset as is (all-HAM, dense routed attention), the same with compacted
-routed attention, a Transformer (pattern "attention"), GDN, and GDN with every 4th layer attention
+The models: the `small` preset as is (all-HAM, compacted routed attention), the same with the
+dense T x T reference attention, a Transformer (pattern "attention"), GDN, and GDN with every 4th layer attention
 ("gdn,gdn,gdn,attention"; the tiny preset's 2 layers leave it GDN only: see each row's mixers).
 Each is built as training builds it (`hamjax.train.loop.build`) and steps with
 `hamjax.train.train_step` on synthetic rows (random byte tokens, one document per row), one
@@ -30,7 +30,7 @@ from hamjax.train.loop import build
 DEFAULT_OUTPUT = "runs/bench/train_step.json"
 MODELS = {
     "ham": {},
-    "ham_compacted": {"ham_attention": "compacted"},
+    "ham_dense": {"ham_attention": "dense"},
     "transformer": {"pattern": "attention"},
     "gdn": {"pattern": "gdn"},
     "gdn_attention": {"pattern": "gdn,gdn,gdn,attention"},
