@@ -1,7 +1,7 @@
 """Training step on long packed rows: HAM's attention paths against a Transformer and GDN, in time
 and compiled memory, side by side in one run.
 
-    python experiments/bench_packed_step.py            # timed at T in {4096, 8192}; memory from 2k to 16k
+    python experiments/bench_packed_step.py            # timed at T from 1k to 8k; memory from 1k to 16k
     python experiments/bench_packed_step.py --quick    # the tiny preset at T = 128 and 256, two models
 
 The `small` preset's shape, one row per step (A = B = 1) packing two documents of T/2 tokens
@@ -106,9 +106,10 @@ def measure(t: int, timed: bool, repeats: int, quick: bool) -> dict:
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="tiny sizes, for the tests")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[2048, 4096, 8192, 16384],
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384],
                         help="T of the memory measurement")
-    parser.add_argument("--time_lengths", type=int, nargs="+", default=[4096, 8192], help="T of the timing")
+    parser.add_argument("--time_lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192],
+                        help="T of the timing")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--output", help=f"results JSON (default {DEFAULT_OUTPUT}; none with --quick)")
     args = parser.parse_args(argv)

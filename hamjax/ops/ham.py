@@ -18,9 +18,9 @@ from hamjax.ops import kv_cache as kv
 from hamjax.ops import validation
 from hamjax.ops.attention import attend, masked_log
 from hamjax.ops.blockwise_attention import blockwise_attend
-from hamjax.ops.routed_attention import dense_routed_attention
 from hamjax.ops.delta_rule import gated_delta_rule_step, gated_delta_rule_with_errors
 from hamjax.ops.rope import apply_rope
+from hamjax.ops.routed_attention import dense_routed_attention
 from hamjax.ops.routing import admit, kv_fraction, surprise_scores
 from hamjax.ops.segments import segment_index
 
