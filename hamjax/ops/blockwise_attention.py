@@ -106,7 +106,7 @@ def blockwise_attend(
 # log_w, k_pos, k_valid, k_seg [n_k, B, H, bk]; scale [H]; q_pos, q_seg [n_q, B, bq]; kinds
 # [n_q, n_k]. Output [n_q, B, bq, H, V]. Its derivative is a rule of its own (custom_jvp): the
 # tangent is computed block by block, recomputing each block's softmax weights from the saved
-# log-sum-exp, so that reverse mode (JAX transposes the tangent) keeps no T x S array either.
+# shift and normaliser, so that reverse mode (JAX transposes the tangent) keeps no T x S array.
 
 
 def _logits(q_i, k_j, log_w, scale, q_pos, q_seg, k_pos, k_valid, k_seg, masked, window, learned):
