@@ -213,9 +213,9 @@ def test_profile(suite):
         assert sum(v["share"] for v in record[table].values()) == pytest.approx(1.0)
         assert sum(v["ms"] for v in record[table].values()) == pytest.approx(record["op_ms_per_step"])
     # The delta rule and attention are charged to their own lines, whose code is quoted.
-    for path in ("ops/delta_rule.py", "ops/attention.py", "nn/conv.py"):
+    for path in ("ops/delta_rule.py", "ops/blockwise_attention.py", "nn/conv.py"):
         assert record["by_file"][path]["share"] > 0.01
-    lines = [k for k in record["by_line"] if k.startswith("ops/attention.py:")]
+    lines = [k for k in record["by_line"] if k.startswith("ops/blockwise_attention.py:")]
     assert lines and all(record["by_line"][k]["code"] for k in lines)
 
 
