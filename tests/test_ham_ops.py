@@ -576,6 +576,34 @@ def test_compacted_path_in_small_blocks_matches_oracle(config, router, monkeypat
         assert_close(a, np.asarray(b, np.float64), f"d/d{name}, small blocks")
 
 
+@pytest.mark.parametrize("fresh", [True, False])
+def test_segments_that_each_fill_their_cache_all_attend(fresh):
+    """Three packed segments per row that each fill a cache of 3 (tau = -inf admits every token): the
+    compacted path's buffer holds every segment's entries (a buffer sized for one cache, as an
+    explicit buffer_size once allowed, zeroed the later segments' attention). Against the float64
+    per-segment oracle, from an empty start and from a cache that already holds entries."""
+    b, t, h, dk, dv, capacity = 2, 24, 2, 4, 3, 3
+    x = random_inputs(21, batch=b, steps=t, heads=h, dk=dk, dv=dv, initial_state=False)
+    segment_ids = np.repeat(np.array([[0, 1, 2], [5, 6, 7]]), 8, axis=1)
+    tau, logit_scale = -np.inf, np.array([2.0, 4.0], np.float32)
+    state, ref_state = None, None
+    if not fresh:  # a previous call's cache, full, continued by the first segment
+        prefix = random_inputs(22, batch=b, steps=5, heads=h, dk=dk, dv=dv, initial_state=False)
+        names = ("q", "k", "v", "g", "beta")
+        state = ops.ham_sequence(*(prefix[n] for n in names), ops.init_ham_state(b, h, dk, dv, capacity),
+                                 tau=tau, logit_scale=logit_scale).state
+        ref_state = ham_reference(*(prefix[n] for n in names), tau=tau, logit_scale=logit_scale,
+                                  capacity=capacity).state
+    out = jax.jit(functools.partial(ops.ham_sequence, capacity=capacity if fresh else None, attention="compacted"))(
+        x["q"], x["k"], x["v"], x["g"], x["beta"], state, tau=tau, logit_scale=logit_scale,
+        segment_ids=jnp.asarray(segment_ids),
+    )
+    expected = ham_reference_segmented(x["q"], x["k"], x["v"], x["g"], x["beta"], segment_ids=segment_ids,
+                                       state=ref_state, tau=tau, logit_scale=logit_scale, capacity=capacity)
+    assert np.all(np.abs(np.asarray(out.o_attn)[:, 8:]).sum(-1) > 0)  # the later segments do attend
+    assert rel_rms(out.o_attn, expected.o_attn) <= TOL
+
+
 # ----------------------------------------------------------------------------------------- decode
 
 
@@ -780,3 +808,17 @@ def test_decode_step_with_eviction_keeps_the_most_surprising_tokens(router):
             # More admissions than slots (evictions happened), and only candidates were admitted.
             admitted = np.array([o.admitted[b, h] for o in evicting])
             assert admitted.sum() > capacity and not (admitted & ~candidate[b, :, h]).any()
+
+
+def test_o_rnn_of_bf16_inputs_is_float32_as_computed():
+    """The RNN branch comes back in float32 as the delta rule computed it, not rounded to the
+    inputs' bfloat16 on the way (which would cost ~3 significant digits before the layer's norm)."""
+    x = random_inputs(23, batch=1, steps=16, heads=2, dk=4, dv=3, initial_state=False)
+    bf16 = {n: jnp.asarray(x[n], jnp.bfloat16) for n in ("q", "k", "v", "g", "beta")}
+    out = ops.ham_sequence(*bf16.values(), None, capacity=4, tau=0.5, logit_scale=jnp.ones(2))
+    exact = ops.gated_delta_rule_with_errors(*(a.astype(jnp.float32) for a in bf16.values())).output
+    assert out.o_rnn.dtype == jnp.float32
+    assert rel_rms(out.o_rnn, exact) <= TOL
+    step = ops.ham_step(*(a[:, 0] for a in bf16.values()), ops.init_ham_state(1, 2, 4, 3, 4), tau=0.5,
+                        logit_scale=jnp.ones(2))
+    assert step.o_rnn.dtype == jnp.float32 and rel_rms(step.o_rnn, exact[:, 0]) <= TOL

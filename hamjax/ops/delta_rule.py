@@ -29,7 +29,7 @@ UNROLLED_CHUNKS = 8  # the chunked form loops over chunks in Python up to this m
 
 
 class DeltaRuleResult(NamedTuple):
-    """output [B, T, H, V] (input dtype); state [B, H, K, V] fp32; errors e_t [B, T, H, V] fp32.
+    """output [B, T, H, V] (input dtype unless asked otherwise); state [B, H, K, V] fp32; errors e_t [B, T, H, V] fp32.
 
     The single step drops the T axis from output and errors.
     """
@@ -81,20 +81,22 @@ def gated_delta_rule_with_errors(
     method: str = "chunk",
     chunk_size: int = 64,
     segment_ids=None,
+    output_dtype=None,
 ) -> DeltaRuleResult:
     """The gated delta rule over a sequence, also returning the final state and the errors e_t.
 
     method="recurrent" scans token by token; method="chunk" uses the chunked WY/UT form with
     `chunk_size` tokens per chunk (T is padded internally to a multiple of it).
     segment_ids [B, T] (packed sequences): where the id changes, the state is reset to zero before
-    that token; the final state is the last segment's.
+    that token; the final state is the last segment's. output_dtype: the output's dtype (None: the
+    inputs', as fla returns it; float32 keeps the output as computed, unrounded).
     """
     _check_sequence_inputs(q, k, v, g, beta, initial_state, segment_ids)
     validation.check_choice("method", method, METHODS)
     validation.check_positive_int("chunk_size", chunk_size)
     batch, _, heads, dk = q.shape
     dv = v.shape[-1]
-    out_dtype = jnp.result_type(q, k, v)
+    out_dtype = jnp.result_type(q, k, v) if output_dtype is None else output_dtype
     scale = dk**-0.5 if scale is None else scale
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, beta)]
     state = (
@@ -112,13 +114,14 @@ def gated_delta_rule_with_errors(
     return DeltaRuleResult(o.astype(out_dtype), state, e)
 
 
-def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None) -> DeltaRuleResult:
+def gated_delta_rule_step(q, k, v, g, beta, state, *, scale=None, output_dtype=None) -> DeltaRuleResult:
     """One token: q, k [B, H, K]; v [B, H, V]; g, beta [B, H]; state [B, H, K, V].
 
-    Returns output [B, H, V] (input dtype), the new state and the error e_t [B, H, V] (fp32).
+    Returns output [B, H, V] (output_dtype; None: the inputs'), the new state and the error e_t
+    [B, H, V] (fp32).
     """
     _check_step_inputs(q, k, v, g, beta, state)
-    out_dtype = jnp.result_type(q, k, v)
+    out_dtype = jnp.result_type(q, k, v) if output_dtype is None else output_dtype
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, beta, state)]
     o, new_state, e = _step(*f32, scale)
@@ -224,15 +227,16 @@ def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
     return _from_chunks(o, t), state, _from_chunks(e, t)
 
 
-@jax.custom_vjp
+@jax.custom_jvp
 def unit_lower_inverse(strict_lower):
     """(I + L)^-1 for strictly lower-triangular L [..., n, n], by block recursion on matmuls.
 
     At each level the inverses of two diagonal blocks A, D give that of [[A, 0], [X, D]] as
     [[A^-1, 0], [-D^-1 X A^-1, D^-1]]. Only matmuls: fast on every backend (jaxlib 0.10's batched
-    LAPACK triangular solve can deadlock on a 2-thread CPU pool). The backward is the inverse's own,
-    dL = StrictLower(-Y^T dY Y^T) with Y = (I + L)^-1: two full matmuls instead of differentiating
-    the recursion's gathers and concatenations.
+    LAPACK triangular solve can deadlock on a 2-thread CPU pool). The derivative is the inverse's own,
+    dY = -Y StrictLower(dL) Y with Y = (I + L)^-1 (a custom_jvp, so forward mode works; reverse
+    mode transposes it to dL = StrictLower(-Y^T dY Y^T)): two full matmuls instead of
+    differentiating the recursion's gathers and concatenations.
     """
     n = strict_lower.shape[-1]
     size = 1 << (n - 1).bit_length()  # pad to a power of two; identity rows in the padding
@@ -255,18 +259,12 @@ def unit_lower_inverse(strict_lower):
     return inv[..., 0, :n, :n]
 
 
-def _unit_lower_inverse_fwd(strict_lower):
+@unit_lower_inverse.defjvp
+def _unit_lower_inverse_jvp(primals, tangents):
+    (strict_lower,), (d_lower,) = primals, tangents
     inv = unit_lower_inverse(strict_lower)
-    return inv, inv
-
-
-def _unit_lower_inverse_bwd(inv, d_inv):
-    inv_t = jnp.swapaxes(inv, -1, -2)
-    n = inv.shape[-1]
-    return (jnp.where(np.tri(n, k=-1, dtype=bool), -(inv_t @ d_inv @ inv_t), 0.0),)
-
-
-unit_lower_inverse.defvjp(_unit_lower_inverse_fwd, _unit_lower_inverse_bwd)
+    d_lower = jnp.where(np.tri(inv.shape[-1], k=-1, dtype=bool), d_lower, 0.0)
+    return inv, -(inv @ d_lower @ inv)
 
 
 def _check_sequence_inputs(q, k, v, g, beta, initial_state, segment_ids) -> None:

@@ -104,9 +104,40 @@ def ham_sequence(
         raise ValueError(f"capacity {capacity} differs from the state's cache capacity {state.cache.capacity}")
     _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention)
     batch, t = q.shape[:2]
-    capacity = state.cache.capacity
     valid = jnp.ones((batch, t), bool) if valid is None else jnp.asarray(valid, bool)
     positions = state.position[:, None] + jnp.arange(t, dtype=jnp.int32)
+    rnn, scores, admitted = _route(
+        q, k, v, g, beta, state, tau, router_scores, valid, segment_ids, method=method, chunk_size=chunk_size
+    )
+    rope_positions = positions[:1] if fresh else positions  # from an empty start every row has 0..T-1
+    q_rot, k_rot = (x if rope_theta is None else apply_rope(x, rope_positions, rope_theta) for x in (q, k))
+    tokens = _Tokens(k_rot, v, positions, scores, admitted, _segment_index(segment_ids, batch, t))
+    cache, learned = None if fresh else state.cache, router_scores is not None
+    if attention == "dense":
+        o_attn = _attend_dense(q_rot, tokens, cache, logit_scale, learned)
+    else:
+        size = _buffer_size(state.cache.capacity, t, segmented=segment_ids is not None, fresh=fresh)
+        o_attn = _attend_compacted(q_rot, tokens, cache, state.position, logit_scale, learned, size)
+    fraction, per_head = kv_fraction(admitted, valid)
+    new_state = HamState(rnn.state, _hand_on(state.cache, tokens), state.position + t)
+    return HamOutput(rnn.output, o_attn, new_state, admitted, scores, fraction, per_head)
+
+
+class _Tokens(NamedTuple):
+    """A call's tokens as the attention sees them: keys [B, T, H, K] (RoPE applied), values
+    [B, T, H, V], positions [B, T], scores and admitted [B, T, H], segments [B, T] (segment index)."""
+
+    keys: jax.Array
+    values: jax.Array
+    positions: jax.Array
+    scores: jax.Array
+    admitted: jax.Array
+    segments: jax.Array
+
+
+def _route(q, k, v, g, beta, state: HamState, tau, router_scores, valid, segment_ids, *, method, chunk_size):
+    """The RNN over every token, each token's routing score, and which tokens enter the cache.
+    Returns (DeltaRuleResult with fp32 output, scores [B, T, H], admitted [B, T, H])."""
     rnn = gated_delta_rule_with_errors(
         q,
         k,
@@ -117,57 +148,66 @@ def ham_sequence(
         method=method,
         chunk_size=chunk_size,
         segment_ids=segment_ids,
+        output_dtype=jnp.float32,
     )
     scores = surprise_scores(rnn.errors) if router_scores is None else jnp.asarray(router_scores, jnp.float32)
     admitted = admit(
-        scores, tau, capacity, valid=valid, segment_ids=segment_ids, initial_count=state.cache.count
+        scores, tau, state.cache.capacity, valid=valid, segment_ids=segment_ids, initial_count=state.cache.count
     )
-    rope_positions = positions[:1] if fresh else positions  # from an empty start every row has 0..T-1
-    q_rot, k_rot = (x if rope_theta is None else apply_rope(x, rope_positions, rope_theta) for x in (q, k))
-    segments = _segment_index(segment_ids, batch, t)
-    learned = router_scores is not None
-    if attention == "dense":
-        o_attn = dense_routed_attention(
-            q_rot,
-            k_rot,
-            v,
-            admitted,
-            positions,
-            logit_scale=logit_scale,
-            segment_ids=segments,
-            log_weights=masked_log(scores, admitted) if learned else None,
-            cache=None if fresh else state.cache,
-        )
+    return rnn, scores, admitted
+
+
+def _attend_dense(q, tokens: _Tokens, cache: kv.KVCache | None, logit_scale, learned: bool):
+    """The T x T reference: q [B, T, H, K] over the cache's entries (None: none) and the admitted
+    tokens."""
+    log_weights = masked_log(tokens.scores, tokens.admitted) if learned else None
+    return dense_routed_attention(
+        q, tokens.keys, tokens.values, tokens.admitted, tokens.positions, logit_scale=logit_scale,
+        segment_ids=tokens.segments, log_weights=log_weights, cache=cache,
+    )
+
+
+def _buffer_size(capacity: int, t: int, *, segmented: bool, fresh: bool) -> int:
+    """Room for every entry the compacted attention may read: one cache's capacity, T more with
+    segment ids (each later segment fills a cache of its own, at most with its own tokens); from an
+    empty start never more than T."""
+    size = capacity + t if segmented else capacity
+    return min(size, t) if fresh else size
+
+
+def _attend_compacted(q, tokens: _Tokens, cache: kv.KVCache | None, start, logit_scale, learned: bool, size: int):
+    """q [B, T, H, K] over a buffer of `size` slots holding the cache's entries (None: none) and the
+    admitted tokens of every segment, in position order, read blockwise (ops.blockwise_attend).
+    start [B]: the position of the call's first token."""
+    batch, _, heads, dk = q.shape
+    if cache is None:
+        buffer = kv.init_kv_cache(batch, heads, size, dk, tokens.values.shape[-1])
     else:
-        buffer_size = capacity if segment_ids is None else capacity + t
-        buffer_size = min(buffer_size, t) if fresh else buffer_size
-        start = (
-            kv.init_kv_cache(batch, q.shape[2], buffer_size, q.shape[3], v.shape[-1])
-            if fresh
-            else kv.resize(state.cache, buffer_size)
-        )
-        buffer = kv.append_tokens(start, k_rot, v, positions, scores, admitted)
-        o_attn = blockwise_attend(
-            q_rot,
-            positions,
-            buffer.keys,
-            buffer.values,
-            buffer.positions,
-            buffer.occupied,
-            logit_scale=logit_scale,
-            q_segments=segments,
-            key_segments=_key_segments(buffer.positions, state.position, segments),
-            key_log_weights=masked_log(buffer.scores, buffer.occupied) if learned else None,
-        )
-    # The cache handed on holds the last segment's entries: the incoming ones only if no segment
-    # started in this call.
-    last = segments[:, -1]
-    old_cache = kv.clear_rows(state.cache, last > 0)
-    in_last = (segments == last[:, None])[..., None]
-    new_cache = kv.append_tokens(old_cache, k_rot, v, positions, scores, admitted & in_last)
-    fraction, per_head = kv_fraction(admitted, valid)
-    new_state = HamState(rnn.state, new_cache, state.position + t)
-    return HamOutput(rnn.output.astype(jnp.float32), o_attn, new_state, admitted, scores, fraction, per_head)
+        buffer = kv.resize(cache, size)
+    buffer = kv.append_tokens(buffer, tokens.keys, tokens.values, tokens.positions, tokens.scores, tokens.admitted)
+    return blockwise_attend(
+        q,
+        tokens.positions,
+        buffer.keys,
+        buffer.values,
+        buffer.positions,
+        buffer.occupied,
+        logit_scale=logit_scale,
+        q_segments=tokens.segments,
+        key_segments=_key_segments(buffer.positions, start, tokens.segments),
+        key_log_weights=masked_log(buffer.scores, buffer.occupied) if learned else None,
+    )
+
+
+def _hand_on(cache: kv.KVCache, tokens: _Tokens) -> kv.KVCache:
+    """The cache the next call continues from: the last segment's entries, so the incoming ones
+    only if no segment started in this call."""
+    last = tokens.segments[:, -1]
+    in_last = (tokens.segments == last[:, None])[..., None]
+    return kv.append_tokens(
+        kv.clear_rows(cache, last > 0), tokens.keys, tokens.values, tokens.positions, tokens.scores,
+        tokens.admitted & in_last,
+    )
 
 
 def ham_step(
@@ -196,7 +236,8 @@ def ham_step(
     batch = q.shape[0]
     valid = jnp.ones((batch,), bool) if valid is None else jnp.asarray(valid, bool)
     o_rnn, rnn, error = gated_delta_rule_step(
-        q, k, v, jnp.where(valid[:, None], g, 0.0), jnp.where(valid[:, None], beta, 0.0), state.rnn
+        q, k, v, jnp.where(valid[:, None], g, 0.0), jnp.where(valid[:, None], beta, 0.0), state.rnn,
+        output_dtype=jnp.float32,
     )
     score = surprise_scores(error) if router_score is None else jnp.asarray(router_score, jnp.float32)
     cache = state.cache
@@ -222,7 +263,7 @@ def ham_step(
     )[:, 0]
     fraction, per_head = kv_fraction(admitted[:, None], valid[:, None])
     return HamOutput(
-        o_rnn.astype(jnp.float32), o_attn, HamState(rnn, cache, state.position + 1), admitted, score, fraction, per_head
+        o_rnn, o_attn, HamState(rnn, cache, state.position + 1), admitted, score, fraction, per_head
     )
 
 
