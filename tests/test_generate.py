@@ -21,6 +21,7 @@ from hamjax.generate import (
     CachePolicy,
     SamplingConfig,
     cache_memory,
+    continue_generation,
     generate,
     kv_entry_bytes,
     pad_prompts,
@@ -28,6 +29,8 @@ from hamjax.generate import (
     start_cache,
 )
 from hamjax.nn import LanguageModel, ModelConfig
+from hamjax.nn.attention import AttentionCache
+from hamjax.nn.ham import HAMCache
 from hamjax.train import Checkpoints, preset
 from hamjax.train.loop import build
 from hamjax.train.run_folder import prepare_run_folder
@@ -60,7 +63,7 @@ def model_for(pattern: str, **kwargs) -> LanguageModel:
 
 
 def ham_counts(cache) -> list[np.ndarray]:
-    return [np.asarray(layer.ham.cache.count) for layer in cache if hasattr(layer, "ham")]
+    return [np.asarray(layer.ham.cache.count) for layer in cache.layers if hasattr(layer, "ham")]
 
 
 # --- batched prompts of different lengths ----------------------------------------------------------
@@ -136,6 +139,30 @@ def test_the_decode_loop_traces_once(monkeypatch):
     generation._compiled.cache_clear()
 
 
+@pytest.mark.parametrize("pattern", ["ham,attention", "gdn,swa"])  # every block kind
+def test_a_generation_continues_as_one_longer_generation(pattern):
+    """Greedy: NEW tokens, then 5 more from the Generation (its cache holds every token, the last
+    sampled one included, and its logits what comes next; full attention grows its cache) == NEW + 5
+    at once; so do the caches, the logits and the KV fraction."""
+    model = model_for(pattern)
+    whole = generate(model, PROMPTS, max_new_tokens=NEW + 5)
+    first = generate(model, PROMPTS, max_new_tokens=NEW)
+    more = continue_generation(model, first, max_new_tokens=5)
+    np.testing.assert_array_equal(np.concatenate([first.tokens, more.tokens], axis=1), whole.tokens)
+    np.testing.assert_array_equal(first.lengths + more.lengths, whole.lengths)
+    assert int(more.fed) == int(whole.fed) == sum(map(len, PROMPTS)) + len(PROMPTS) * (NEW + 5)
+    assert rel_rms(more.logits, whole.logits) <= TOL
+    np.testing.assert_allclose(more.kv_fraction, whole.kv_fraction, rtol=1e-6)
+    for got, want in zip(more.cache.layers, whole.cache.layers):
+        if isinstance(got, HAMCache):
+            np.testing.assert_array_equal(got.ham.cache.count, want.ham.cache.count)
+            np.testing.assert_array_equal(got.ham.position, want.ham.position)
+        elif isinstance(got, AttentionCache):
+            np.testing.assert_array_equal(got.position, want.position)
+        else:
+            assert rel_rms(got.rnn, want.rnn) <= TOL
+
+
 def test_stop_tokens_end_each_row():
     model = model_for("gdn")
     free = generate(model, PROMPTS, max_new_tokens=NEW)
@@ -156,7 +183,7 @@ def test_stop_tokens_end_each_row():
 def test_capacity_override_bounds_every_ham_cache():
     model = model_for("ham")
     out = generate(model, PROMPTS, max_new_tokens=NEW, policy=CachePolicy(capacity=2))
-    for layer in out.cache:
+    for layer in out.cache.layers:
         assert layer.ham.cache.capacity == 2
         assert int(layer.ham.cache.count.max()) == 2
 
@@ -169,7 +196,7 @@ def test_eviction_keeps_the_cache_full_of_the_most_surprising_entries():
     policy = CachePolicy(capacity=2, evict=True)
     out = generate(model, PROMPTS, max_new_tokens=NEW, policy=policy)
     total = sum(len(p) for p in PROMPTS) + int(out.lengths.sum()) - len(PROMPTS)
-    for i, layer in enumerate(out.cache):
+    for i, layer in enumerate(out.cache.layers):
         kv = layer.ham.cache
         np.testing.assert_array_equal(kv.count, 2)
         admitted = float(out.kv_fraction[i]) * total * HEADS
@@ -201,7 +228,7 @@ def test_byte_budget_caps_the_cache_and_moves_tau():
     context = 24 + NEW
     held = sum(layer.kv_bytes for layer in cache_memory(model, out.cache, context))
     assert held <= budget
-    assert all(layer.ham.cache.capacity == 3 for layer in out.cache)
+    assert all(layer.ham.cache.capacity == 3 for layer in out.cache.layers)
     assert np.all(np.asarray(out.taus) > 0.01)
 
 
@@ -211,10 +238,10 @@ def test_byte_budget_caps_the_cache_and_moves_tau():
 def test_cache_memory_counts_entries_and_bytes():
     ham = model_for("ham,attention")
     out = generate(ham, [PROMPTS[1]], max_new_tokens=NEW, prompt_length=17)
-    context = 17 + NEW - 1  # every token but the last generated one was fed
+    context = 17 + NEW  # every token was fed, the last generated one included
     layers = cache_memory(ham, out.cache, context)
     assert [layer.kind for layer in layers] == ["ham", "attention"]
-    assert layers[0].entries == int(out.cache[0].ham.cache.count.sum())
+    assert layers[0].entries == int(out.cache.layers[0].ham.cache.count.sum())
     assert layers[0].slots == 6 * HEADS
     assert layers[0].entry_bytes == (2 * KEY_DIM) * 4 + 8
     assert layers[0].state_bytes > 0

@@ -17,7 +17,8 @@ import pytest
 from flax import nnx
 
 from hamjax.nn import HAM, NoWeightDecay, Threshold
-from hamjax.nn.model import MIXERS, LanguageModel, ModelConfig, ModelStats
+from hamjax.nn import MixerStats
+from hamjax.nn.model import CACHE_TYPES, MIXERS, LanguageModel, ModelCache, ModelConfig, ModelStats
 from hamjax.train import preset, weight_decay_mask
 from oracles import rel_rms
 
@@ -134,7 +135,7 @@ def test_model_equals_manual_composition(tie_embeddings):
     expected = features @ (table.T if tie_embeddings else model.head.kernel[...])
     assert rel_rms(logits, expected) <= 1e-6
     block_out, block_cache, block_stats = block(table[TOKENS], segment_ids=SEGMENT_IDS)
-    assert block_cache is None and block_stats is None
+    assert block_cache is None and block_stats == MixerStats()  # attention without a cache: none kept, nothing measured
     assert rel_rms(block_out, x) <= 1e-6
     if not tie_embeddings:  # the separate head is used, not the embedding
         assert rel_rms(logits, features @ table.T) > 0.1
@@ -155,13 +156,13 @@ def test_packed_documents_equal_separate_runs(pattern):
 
 @nnx.jit
 def forward_by_layer(model, tokens, segment_ids):
-    """The model spelt out block by block, returning the HAM layers' HAMStats as well."""
+    """The model spelt out block by block, returning the HAM layers' MixerStats as well."""
     x = model.embed(tokens)
     stats = []
     for block in model.blocks:
-        y, *rest = block.mixer(block.mixer_norm(x), segment_ids=segment_ids)
+        y, _, layer_stats = block.mixer(block.mixer_norm(x), segment_ids=segment_ids)
         if block.kind == "ham":
-            stats.append(rest[1])
+            stats.append(layer_stats)
         x = x + y
         x = x + block.mlp(block.mlp_norm(x))
     return model.embed.attend(model.final_norm(x)), stats
@@ -373,3 +374,37 @@ def test_prefill_then_steps_equal_the_full_forward(pattern):
         logits, cache, _ = extend(model, tokens[:, t : t + 1], cache)
         steps.append(logits)
     assert rel_rms(np.concatenate(steps, axis=1), full) <= TOL
+
+
+# --- one protocol for every mixer ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_every_mixer_follows_one_call_protocol(kind):
+    """init_cache(batch, max_len, capacity) and (x, *, cache, segment_ids, valid) -> (y, cache of the
+    same type, MixerStats): HAM fills every stats field, the other mixers none."""
+    mixer = model_for(kind).blocks[0].mixer
+    x = jnp.asarray(np.random.default_rng(1).standard_normal((2, T, 32)), jnp.float32)
+    cache = mixer.init_cache(2, T, None)
+    assert isinstance(cache, CACHE_TYPES[kind])
+    y, new_cache, stats = mixer(x, cache=cache, segment_ids=None, valid=None)
+    assert y.shape == x.shape and type(new_cache) is type(cache) and isinstance(stats, MixerStats)
+    filled = [field for field, value in stats._asdict().items() if value is not None]
+    assert filled == (list(MixerStats._fields) if kind == "ham" else [])
+    _, step_cache, step_stats = mixer(x[:, :1], cache=new_cache)  # one more token, the decode form
+    assert type(step_cache) is type(cache) and isinstance(step_stats, MixerStats)
+    with pytest.raises(ValueError, match="max_len"):
+        mixer.init_cache(2, 0)
+
+
+def test_extend_names_the_cache_that_does_not_fit():
+    model = model_for("ham,attention")
+    cache = model.init_cache(1, T)
+    assert isinstance(cache, ModelCache) and len(cache.layers) == 2
+    tokens = TOKENS[:1, :4]
+    with pytest.raises(TypeError, match="must be a ModelCache"):
+        model.extend(tokens, tuple(cache.layers))
+    with pytest.raises(TypeError, match=r"cache.layers\[1\] is a HAMCache, but layer 1 is 'attention'"):
+        model.extend(tokens, ModelCache((cache.layers[0], cache.layers[0])))
+    with pytest.raises(ValueError, match="holds 1 layers' caches, the model has 2"):
+        model.extend(tokens, ModelCache(cache.layers[:1]))

@@ -29,7 +29,7 @@ def x():
 
 def random_cache(layer, seed=2):
     """A nonzero cache, as a previous call would leave."""
-    empty = layer.init_cache(B)
+    empty = layer.init_cache(B, T)
     rnn, conv = normal(seed, empty.rnn.shape, empty.conv.shape)
     return GDNCache(0.3 * rnn, conv)
 
@@ -62,7 +62,7 @@ def test_parameter_count(layer):
 
 
 def test_cache_is_typed(layer):
-    cache = layer.init_cache(B)
+    cache = layer.init_cache(B, T)
     assert isinstance(cache, GDNCache)
     assert cache.rnn.shape == (B, H, K, V) and cache.rnn.dtype == jnp.float32
     assert cache.conv.shape == (B, W - 1, H * (2 * K + V))
@@ -72,16 +72,16 @@ def test_cache_is_typed(layer):
 @pytest.mark.parametrize("method", ["chunk", "recurrent"])
 def test_sequence_equals_step_loop(layer, x, method):
     cache = random_cache(layer)
-    y, end = call(layer, x, cache, method=method)
+    y, end, _ = call(layer, x, cache, method=method)
     y_steps, end_steps, _ = call_steps(layer, x, cache)
     assert_tree_close((y, end), (y_steps, end_steps))
 
 
 def test_prefix_cache_suffix_equals_one_pass(layer, x):
     cache = random_cache(layer)
-    y_prefix, mid = call(layer, x[:, :SPLIT], cache)
-    y_suffix, end = call(layer, x[:, SPLIT:], mid)
-    assert_tree_close((jnp.concatenate([y_prefix, y_suffix], axis=1), end), call(layer, x, cache))
+    y_prefix, mid, _ = call(layer, x[:, :SPLIT], cache)
+    y_suffix, end, _ = call(layer, x[:, SPLIT:], mid)
+    assert_tree_close((jnp.concatenate([y_prefix, y_suffix], axis=1), end), call(layer, x, cache)[:2])
 
 
 def test_padding_leaves_state_unchanged(layer, x):
@@ -95,18 +95,18 @@ def test_padding_leaves_state_unchanged(layer, x):
     slots = [np.flatnonzero(row) for row in valid]
     x_valid = x[:, :n]
     x_padded = jnp.stack([(x[r] * 5.0).at[s].set(x_valid[r]) for r, s in enumerate(slots)])
-    y, end = call(layer, x_padded, cache, valid=jnp.asarray(valid))
-    y_valid, expected_end = call(layer, x_valid, cache)
+    y, end, _ = call(layer, x_padded, cache, valid=jnp.asarray(valid))
+    y_valid, expected_end, _ = call(layer, x_valid, cache)
     assert_tree_close(jnp.stack([y[r, s] for r, s in enumerate(slots)]), y_valid)
     assert_tree_close(end, expected_end)
-    _, step_end = call(layer, x[:, :1], cache, valid=jnp.zeros((B, 1), bool))
+    _, step_end, _ = call(layer, x[:, :1], cache, valid=jnp.zeros((B, 1), bool))
     assert_tree_close(step_end, cache)
 
 
 def test_segments_reset_state_and_conv(layer, x):
     """One pass over packed rows == each segment run on its own (the first from the incoming cache)."""
     cache = random_cache(layer)
-    y, end = call(layer, x, cache, segment_ids=segment_layout())
+    y, end, _ = call(layer, x, cache, segment_ids=segment_layout())
     rows = lambda tree, r: jax.tree.map(lambda a: a[r : r + 1], tree)
     # Segments of SPLIT tokens: row 0's first (from the cache), row 1's last (from zeros); likewise
     # for the long segments. Batch them so that each shape compiles once.
@@ -114,8 +114,8 @@ def test_segments_reset_state_and_conv(layer, x):
     long_cache = jax.tree.map(lambda a: a.at[0].set(0.0), cache)
     x_short = jnp.stack([x[0, :SPLIT], x[1, T - SPLIT :]])
     x_long = jnp.stack([x[0, SPLIT:], x[1, : T - SPLIT]])
-    y_short, end_short = call(layer, x_short, short_cache)
-    y_long, end_long = call(layer, x_long, long_cache)
+    y_short, end_short, _ = call(layer, x_short, short_cache)
+    y_long, end_long, _ = call(layer, x_long, long_cache)
     assert_tree_close(y[0], jnp.concatenate([y_short[0], y_long[0]]))
     assert_tree_close(y[1], jnp.concatenate([y_long[1], y_short[1]]))
     assert_tree_close(rows(end, 0), rows(end_long, 0))

@@ -43,7 +43,7 @@ def x():
 
 def start_cache(layer, seed=2):
     """A cache as a previous call leaves it: nonzero RNN and conv state, KV entries, position 7."""
-    return call(layer, normal(seed, (B, SPLIT, D)), layer.init_cache(B))[1]
+    return call(layer, normal(seed, (B, SPLIT, D)), layer.init_cache(B, T))[1]
 
 
 def set_tau(layer, tau, step=0):
@@ -72,7 +72,7 @@ def rows_from(first, second):
 
 
 def empty_at(layer, position):
-    cache = layer.init_cache(B)
+    cache = layer.init_cache(B, T)
     return cache._replace(ham=cache.ham._replace(position=jnp.asarray(position, jnp.int32)))
 
 
@@ -200,12 +200,12 @@ def test_infinite_tau_equals_gated_delta_net(router, x):
     gdn = GatedDeltaNet(D, H, K, V, conv_width=W, chunk_size=8, rngs=nnx.Rngs(7))
     nnx.update(gdn.proj, nnx.state(layer.proj))
     nnx.update(gdn.norm, nnx.state(layer.norm))
-    y, end, stats = call(layer, x, layer.init_cache(B))
-    y_gdn, end_gdn = call(gdn, x, gdn.init_cache(B))
+    y, end, stats = call(layer, x, layer.init_cache(B, T))
+    y_gdn, end_gdn, _ = call(gdn, x, gdn.init_cache(B, T))
     assert not np.any(stats.admitted) and not np.any(end.ham.cache.count)
     assert_tree_close((y, GDNCache(end.ham.rnn, end.conv)), (y_gdn, end_gdn))
     y, end, _ = call(layer, x[:, :1], end)
-    y_gdn, end_gdn = call(gdn, x[:, :1], end_gdn)
+    y_gdn, end_gdn, _ = call(gdn, x[:, :1], end_gdn)
     assert_tree_close((y, GDNCache(end.ham.rnn, end.conv)), (y_gdn, end_gdn))
 
 
@@ -219,9 +219,9 @@ def test_update_threshold_moves_tau_toward_target(x):
 
     @nnx.jit
     def controlled_step(layer, x):
-        _, _, stats = layer(x, cache=layer.init_cache(B))
-        layer.update_threshold(stats.kv_fraction)
-        return stats.kv_fraction
+        _, _, stats = layer(x, cache=layer.init_cache(B, T))
+        layer.update_threshold(stats.over_tau)
+        return stats.kv_fraction  # == over_tau: the cache has room for every token
 
     fractions, taus = [], []
     for _ in range(40):
@@ -232,6 +232,45 @@ def test_update_threshold_moves_tau_toward_target(x):
     assert np.sign(taus[0] - 0.5) == np.sign(first_error)  # too many admitted: tau up; too few: down
     assert abs(np.mean(fractions[-10:]) - target) < 0.05
     assert int(layer.threshold.get_value().step) == 40
+
+
+def test_a_full_cache_does_not_wind_the_controller_up():
+    """The issue's reproduction: 4 slots, T = 64, target 0.25. Admissions are capped at 4 / 64, so a
+    controller fed them pushed tau from 0.5 towards 0 without end (about 1e-13 after 3,000 steps).
+    It follows the tokens over tau instead, which settle at the target with tau at the scores'
+    0.75 quantile."""
+    t, target = 64, 0.25
+    config = ops.ThresholdConfig(initial_tau=0.5, target_fraction=target, learning_rate=0.1)
+    layer = make(capacity=4, threshold=config)
+    x = normal(7, (B, t, D))
+    graphdef, state = nnx.split(layer)
+
+    @jax.jit
+    def controlled(state):
+        def step(_, state):
+            layer = nnx.merge(graphdef, state)
+            layer.update_threshold(layer(x)[2].over_tau)
+            return nnx.state(layer)
+
+        return jax.lax.fori_loop(0, 3000, step, state)
+
+    nnx.update(layer, controlled(state))
+    _, _, stats = layer(x)
+    assert float(stats.kv_fraction) == pytest.approx(4 / t)  # every cache full
+    assert abs(float(stats.over_tau) - target) <= 2 / (B * t)  # within a token or two of the target
+    scores = np.asarray(stats.scores)
+    assert np.quantile(scores, 0.7) <= float(layer.tau) <= np.quantile(scores, 0.8)
+
+
+def test_a_per_head_threshold_keeps_its_shape(x):
+    config = ops.ThresholdConfig(target_fraction=0.3, learning_rate=1.0, per_head=True)
+    layer = make(threshold=config)
+    assert layer.tau.shape == (H,)
+    _, _, stats = layer(x)
+    layer.update_threshold(stats.over_tau_per_head)
+    assert layer.tau.shape == (H,) and len(np.unique(np.asarray(layer.tau))) == H
+    with pytest.raises(ValueError, match="would change the threshold's shape"):
+        make().update_threshold(stats.over_tau_per_head)
 
 
 def test_threshold_is_not_touched_by_gradients(x):
@@ -265,7 +304,7 @@ def test_threshold_round_trips_split_merge(layer):
 def test_learned_router_receives_gradient(x):
     """Through the log-score bias of the attention logits (DESIGN.md §1.1 step 7)."""
     layer = make("learned")
-    set_tau_in_gap(layer, call(layer, x, layer.init_cache(B))[2].scores, quantiles=(0.05, 0.3))  # many admitted
+    set_tau_in_gap(layer, call(layer, x, layer.init_cache(B, T))[2].scores, quantiles=(0.05, 0.3))  # many admitted
     grads = loss_grads(layer, x)
     for leaf in jax.tree.leaves(nnx.state(grads)):
         assert np.all(np.isfinite(leaf))

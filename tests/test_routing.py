@@ -3,6 +3,7 @@ threshold controller (DESIGN.md §1.1 steps 4 and 6, §1.2, §1.3)."""
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 
@@ -188,12 +189,41 @@ def test_controller_state_is_a_pytree_and_jits():
 
 
 def test_controller_per_head_state_moves_each_head_independently():
-    config = ThresholdConfig(initial_tau=0.5, target_fraction=0.5, learning_rate=0.1)
-    state = ThresholdState(jnp.full((3,), jnp.log(0.5), jnp.float32), jnp.int32(0))
+    config = ThresholdConfig(initial_tau=0.5, target_fraction=0.5, learning_rate=0.1, per_head=True)
+    state = ops.init_threshold(config, heads=3)
+    chex.assert_shape(state.log_tau, (3,))
     measured = jnp.array([0.2, 0.5, 0.9], jnp.float32)
     new = jax.jit(ops.update_threshold, static_argnames="config")(state, measured, config=config)
     chex.assert_shape(new.log_tau, (3,))
     np.testing.assert_allclose(new.log_tau - state.log_tau, 0.1 * (np.asarray(measured) - 0.5), atol=1e-7)
+
+
+def test_a_measurement_cannot_change_the_thresholds_shape():
+    """One tau per layer stays one: a per-head measurement raises (it used to turn log tau into [H],
+    so jitted callers retraced and checkpoints no longer restored into a fresh model). A scalar may
+    move every head of a per-head threshold alike."""
+    config = ThresholdConfig(target_fraction=0.5)
+    with pytest.raises(ValueError, match=r"measured_fraction has shape \(3,\).*threshold's shape \(\)"):
+        ops.update_threshold(ops.init_threshold(config), jnp.zeros(3), config)
+    per_head = dataclasses.replace(config, per_head=True)
+    with pytest.raises(ValueError, match=r"shape \(2,\).*shape \(3,\)"):
+        ops.update_threshold(ops.init_threshold(per_head, 3), jnp.zeros(2), per_head)
+    moved = ops.update_threshold(ops.init_threshold(per_head, 3), 0.0, per_head)
+    chex.assert_shape(moved.log_tau, (3,))
+    with pytest.raises(ValueError, match="number of heads"):
+        ops.init_threshold(per_head)
+
+
+def test_log_tau_stays_within_its_bounds():
+    """A target that is never met (no token over tau, or all of them) pins tau at a bound instead of
+    winding it up without end."""
+    config = ThresholdConfig(initial_tau=0.5, target_fraction=0.25, learning_rate=0.5, min_tau=1e-3, max_tau=10.0)
+    update = jax.jit(ops.update_threshold, static_argnames="config")
+    for measured, bound in ((0.0, 1e-3), (1.0, 10.0)):
+        state = ops.init_threshold(config)
+        for _ in range(100):  # 100 x 0.5 x 0.25 = 12.5 in log tau: far past either bound
+            state = update(state, measured, config=config)
+        np.testing.assert_allclose(np.exp(state.log_tau), bound, rtol=1e-6)
 
 
 @pytest.mark.parametrize(
@@ -207,9 +237,14 @@ def test_controller_per_head_state_moves_each_head_independently():
         (dict(initial_tau=float("inf")), "initial_tau"),
         (dict(learning_rate=0.0), "learning_rate"),
         (dict(freeze_steps=-1), "freeze_steps"),
+        (dict(min_tau=0.0), "min_tau"),
+        (dict(max_tau=float("inf")), "max_tau"),
+        (dict(initial_tau=0.5, min_tau=0.6), "initial_tau"),
+        (dict(initial_tau=0.5, max_tau=0.4), "initial_tau"),
     ],
     ids=["target_0", "target_negative", "target_above_1", "target_nan", "initial_tau_0",
-         "initial_tau_inf", "learning_rate_0", "freeze_steps_negative"],
+         "initial_tau_inf", "learning_rate_0", "freeze_steps_negative", "min_tau_0", "max_tau_inf",
+         "initial_tau_below_min", "initial_tau_above_max"],
 )
 def test_threshold_config_rejects_bad_values(kwargs, name):
     with pytest.raises(ValueError, match=rf"^{name}\b"):

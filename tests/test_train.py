@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import os
 import pathlib
 import re
@@ -316,11 +317,11 @@ def test_gradient_accumulation_matches_one_big_batch():
     assert int(optimizer.step[...]) == int(split_optimizer.step[...]) == 1
 
 
-@pytest.mark.parametrize("micro_batches", [1, 2])
-def test_a_rematerialised_model_takes_the_same_step(micro_batches):
+def test_a_rematerialised_model_takes_the_same_step(micro_batches=2):
     """remat=True (every block recomputed in the backward pass, as the paper preset trains) gives the
     training step of remat=False: loss, gradient norm, KV fractions, thresholds and every updated
-    parameter, for a model with every block kind, with one micro-batch and with two."""
+    parameter, for a model with every block kind, over two micro-batches (the scanned accumulation;
+    test_model checks the rematerialised gradients of one batch)."""
     tiny = preset("tiny")
     rows, segment_ids = (jnp.asarray(a).reshape(micro_batches, 4 // micro_batches, -1)
                          for a in batch_at(load_corpus(tiny).train, 0, 4, 0)[:2])
@@ -775,3 +776,58 @@ def test_console_script_bad_flag(tmp_path):
         assert len(lines) == 1, result.stderr
         assert ("huge" if argv[0] == "train" else "nothing") in lines[0]
         assert "Traceback" not in result.stderr
+
+
+def test_per_head_thresholds_train_with_one_trace_and_restore_into_a_fresh_model(tmp_path):
+    """tau_per_head, decided when the model is built: the controller moves each head's tau, the
+    state keeps its [H] shape, so the jitted step traces once, and a checkpoint saved after the
+    updates restores into a freshly built model."""
+    tiny = preset("tiny")
+    config = dataclasses.replace(tiny.model, n_layers=2, pattern="ham,gdn", tau_per_head=True, tau_lr=1.0)
+    model = LanguageModel(config, rngs=nnx.Rngs(0))
+    optimizer = make_optimizer(model, TrainConfig(warmup_steps=0))
+    assert model.taus().shape == (1, config.heads)
+    traces = []
+
+    def counted(state, rows, segment_ids):
+        traces.append(1)
+        return step_module.state_train_step(nnx.graphdef((model, optimizer)))(state, rows, segment_ids)
+
+    step = jax.jit(counted)
+    corpus = load_corpus(tiny)
+    state = nnx.state((model, optimizer))
+    for i in range(3):
+        batch = batch_at(corpus.train, i, 4, 0)
+        rows = jnp.asarray(batch.tokens[None])
+        state, metrics = step(state, rows, jnp.asarray(batch.segment_ids[None]))
+    assert len(traces) == 1
+    nnx.update((model, optimizer), state)
+    taus = np.asarray(model.taus())
+    assert taus.shape == (1, config.heads) and not np.allclose(taus, config.tau_init)
+    np.testing.assert_array_equal(metrics.tau, taus)
+
+    checkpoints = Checkpoints(tmp_path / "checkpoints", async_save=False)
+    try:
+        checkpoints.save(3, model, optimizer, {"step": 3})
+        fresh = LanguageModel(config, rngs=nnx.Rngs(1))
+        checkpoints.restore(fresh, make_optimizer(fresh, TrainConfig(warmup_steps=0)))
+    finally:
+        checkpoints.close()
+    np.testing.assert_array_equal(fresh.taus(), taus)
+
+
+def test_the_training_step_moves_tau_by_the_fraction_over_tau_not_the_capped_admissions():
+    """With 2 slots per row and head and tau far below every score, admissions are capped near
+    2 / T while nearly every token scores above tau: log tau moves by tau_lr * (over_tau - target)."""
+    tiny = preset("tiny")
+    config = dataclasses.replace(tiny.model, n_layers=1, pattern="ham", capacity=2, tau_init=1e-3, kv_target=0.25)
+    model = LanguageModel(config, rngs=nnx.Rngs(0))
+    optimizer = make_optimizer(model, TrainConfig(warmup_steps=0))
+    batch = batch_at(load_corpus(tiny).train, 0, 4, 0)
+    rows, segment_ids = jnp.asarray(batch.tokens), jnp.asarray(batch.segment_ids)
+    _, stats = nnx.jit(lambda m, r, s: m(r, segment_ids=s))(model, rows[:, :-1], segment_ids[:, :-1])
+    over_tau = float(stats.over_tau[0])
+    assert over_tau > 0.9 and float(stats.kv_fraction[0]) < 0.1
+    metrics = train_step(model, optimizer, rows[None], segment_ids[None])
+    expected = math.log(1e-3) + config.tau_lr * (over_tau - 0.25)
+    np.testing.assert_allclose(np.log(metrics.tau), [expected], rtol=1e-5)

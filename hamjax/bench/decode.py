@@ -43,7 +43,7 @@ from flax import nnx
 
 from hamjax.bench.common import median_times, parse_args, save_results
 from hamjax.generate import DecodeSettings, SamplingConfig, cache_memory, decode
-from hamjax.nn import LanguageModel, ModelConfig
+from hamjax.nn import LanguageModel, ModelCache, ModelConfig
 from hamjax.nn.attention import AttentionCache
 from hamjax.nn.gdn import GDNCache
 from hamjax.nn.ham import HAMCache
@@ -105,13 +105,13 @@ def fill_ham(cache: HAMCache, context: int, rng, tau: float) -> HAMCache:
     return HAMCache(ham, random_conv(rng, cache.conv.shape))
 
 
-def synthetic_cache(model: LanguageModel, context: int, new_tokens: int, seed: int = 0) -> tuple:
+def synthetic_cache(model: LanguageModel, context: int, new_tokens: int, seed: int = 0) -> ModelCache:
     """The model's decode cache for one row as it would stand after `context` tokens."""
     rng = np.random.default_rng(seed)
     empty = model.init_cache(1, context + new_tokens, ham_capacity(context))
     tau = float(np.min(model.taus())) if model.ham_layers else 0.0  # stored scores: above the threshold
     layers = []
-    for layer in empty:
+    for layer in empty.layers:
         if isinstance(layer, AttentionCache):
             layers.append(fill_attention(layer, context, rng))
         elif isinstance(layer, HAMCache):
@@ -120,7 +120,7 @@ def synthetic_cache(model: LanguageModel, context: int, new_tokens: int, seed: i
             layers.append(GDNCache(random_rnn(rng, layer.rnn.shape), random_conv(rng, layer.conv.shape)))
         else:
             raise TypeError(f"no synthetic fill for a {type(layer).__name__}")
-    return tuple(layers)
+    return ModelCache(tuple(layers))
 
 
 def _decode_tokens(graphdef, params, cache, logits, key, taus, settings):
@@ -128,7 +128,7 @@ def _decode_tokens(graphdef, params, cache, logits, key, taus, settings):
     return tokens
 
 
-def decode_runner(model: LanguageModel, cache: tuple, new_tokens: int):
+def decode_runner(model: LanguageModel, cache: ModelCache, new_tokens: int):
     """A call that decodes `new_tokens` greedy tokens from `cache` (compiled on first use)."""
     graphdef, params = nnx.split(model)
     settings = DecodeSettings(new_tokens, SamplingConfig())

@@ -93,7 +93,7 @@ def _generate(args) -> int:
         n = int(out.lengths[row])
         print(f"\n--- prompt {row + 1} ({len(ids)} tokens) + {n} generated ---")
         print(prompt + tokenizer.decode(out.tokens[row, :n]))
-        context = len(ids) + n - 1  # the last generated token is not fed back
+        context = len(ids) + n  # every generated token is fed back
         print(f"cache after {context} tokens (per layer; full attention: a layer of the same heads and "
               f"sizes holding every token):")
         print(f"{'layer':>5} {'kind':>9} {'KV entries':>10} {'slots':>8} {'KV bytes held':>13} "

@@ -25,7 +25,7 @@ from hamjax.generate.memory import kv_entry_bytes
 from hamjax.generate.sampling import SamplingConfig, sample
 from hamjax.nn.attention import AttentionCache
 from hamjax.nn.ham import HAMCache
-from hamjax.nn.model import LanguageModel
+from hamjax.nn.model import LanguageModel, ModelCache
 from hamjax.ops import validation
 
 PROMPT_BUCKET = 64
@@ -83,15 +83,19 @@ class CachePolicy:
 
 class Generation(NamedTuple):
     """tokens [B, N] int32 (the generated ids; 0 after a row's end); lengths [B] int32 (tokens
-    generated per row, a stop token included); cache (the model's caches after the last token fed);
-    taus [L_ham] or [L_ham, H] (the thresholds used last; moved by a byte budget); kv_fraction [L_ham] (admitted /
-    tokens fed, prompt included, per HAM layer)."""
+    generated per row, a stop token included); cache (the model's caches with every prompt and
+    generated token fed); logits [B, vocab] (the next token's, after the cache: continue_generation
+    starts from them); taus [L_ham] or [L_ham, H] (the thresholds used last; moved by a byte
+    budget); kv_fraction [L_ham] (admitted / tokens fed, prompt included, per HAM layer); fed (tokens
+    fed, summed over rows)."""
 
     tokens: jax.Array
     lengths: jax.Array
-    cache: tuple
+    cache: ModelCache
+    logits: jax.Array
     taus: jax.Array
     kv_fraction: jax.Array
+    fed: jax.Array
 
 
 def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, length: int | None = None):
@@ -117,21 +121,21 @@ def pad_prompts(prompts: Sequence[Sequence[int]], vocab_size: int, length: int |
     return jnp.asarray(tokens), jnp.asarray(valid)
 
 
-def start_cache(model: LanguageModel, valid, max_len: int, capacity: int | None = None) -> tuple:
+def start_cache(model: LanguageModel, valid, max_len: int, capacity: int | None = None) -> ModelCache:
     """Empty caches for left-padded prompts valid [B, P]: each row starts at position -(its padding),
     so its first real token is at position 0. max_len: the longest context (prompt + new tokens)."""
     start = -jnp.sum(~jnp.asarray(valid, bool), axis=1, dtype=jnp.int32)
     caches = []
-    for layer in model.init_cache(valid.shape[0], max_len, capacity):
+    for layer in model.init_cache(valid.shape[0], max_len, capacity).layers:
         if isinstance(layer, HAMCache):
             layer = layer._replace(ham=layer.ham._replace(position=start))
         elif isinstance(layer, AttentionCache):
             layer = layer._replace(position=start)
         caches.append(layer)
-    return tuple(caches)
+    return ModelCache(tuple(caches))
 
 
-def prefill(model: LanguageModel, tokens, valid, cache: tuple, *, taus=None, evict: bool = False):
+def prefill(model: LanguageModel, tokens, valid, cache: ModelCache, *, taus=None, evict: bool = False):
     """Run left-padded prompts tokens, valid [B, P] into `cache`: in parallel form, or token by
     token with `evict`. Returns (logits [B, vocab] after each prompt's last token, cache,
     admitted [L_ham] (tokens admitted per HAM layer, summed over rows and heads))."""
@@ -167,12 +171,12 @@ class DecodeSettings:
     budget_lr: float = 0.05
 
 
-def decode(model: LanguageModel, cache: tuple, logits, key, taus, settings: DecodeSettings):
+def decode(model: LanguageModel, cache: ModelCache, logits, key, taus, settings: DecodeSettings):
     """From logits [B, vocab] after the context in `cache`, sample up to settings.max_new_tokens
-    tokens per row in a `lax.while_loop` that stops early once every row produced a stop token.
-    taus [L_ham] or [L_ham, H]: the HAM thresholds to start from. Returns (tokens [B, N], lengths
-    [B], cache, taus, admitted [L_ham] (admitted tokens, summed over rows and heads), fed (tokens
-    fed, summed over rows))."""
+    tokens per row and feed each back, in a `lax.while_loop` that stops early once every row produced
+    a stop token. taus [L_ham] or [L_ham, H]: the HAM thresholds to start from. Returns (tokens
+    [B, N], lengths [B], cache (every sampled token fed), logits [B, vocab] after it, taus, admitted
+    [L_ham] (admitted tokens, summed over rows and heads), fed (tokens fed, summed over rows))."""
     n = settings.max_new_tokens
     batch = logits.shape[0]
     stops = jnp.asarray(settings.stop_tokens, jnp.int32)
@@ -180,17 +184,13 @@ def decode(model: LanguageModel, cache: tuple, logits, key, taus, settings: Deco
     controller = ops.ThresholdConfig(target_fraction=settings.target, learning_rate=settings.budget_lr)
     graphdef, params = nnx.split(model)
     heads = model.config.heads
-
-    key, sub = jax.random.split(key)
-    first = sample(logits, sub, settings.sampling)
-    tokens = jnp.zeros((batch, n), jnp.int32).at[:, 0].set(first)
     n_ham = len(model.ham_layers)
     carry = (
-        jnp.int32(1),
-        first,
-        is_stop(first),
-        jnp.ones((batch,), jnp.int32),
-        tokens,
+        jnp.int32(0),
+        logits,
+        jnp.zeros((batch,), bool),
+        jnp.zeros((batch,), jnp.int32),
+        jnp.zeros((batch, n), jnp.int32),
         cache,
         key,
         ops.ThresholdState(jnp.log(jnp.asarray(taus, jnp.float32)), jnp.int32(0)),
@@ -203,8 +203,10 @@ def decode(model: LanguageModel, cache: tuple, logits, key, taus, settings: Deco
         return (i < n) & ~jnp.all(done)
 
     def step(carry):
-        i, token, done, lengths, tokens, cache, key, threshold, admitted, fed = carry
+        i, logits, done, lengths, tokens, cache, key, threshold, admitted, fed = carry
         live = ~done
+        key, sub = jax.random.split(key)
+        token = jnp.where(live, sample(logits, sub, settings.sampling), 0)
         step_model = nnx.merge(graphdef, params)
         logits, cache, stats = step_model.extend(
             token[:, None], cache, valid=live[:, None], taus=jnp.exp(threshold.log_tau), evict=settings.evict
@@ -212,16 +214,14 @@ def decode(model: LanguageModel, cache: tuple, logits, key, taus, settings: Deco
         if settings.target is not None:
             measured = stats.over_tau.reshape((-1,) + (1,) * (threshold.log_tau.ndim - 1))  # [L_ham] or [L_ham, 1]
             threshold = ops.update_threshold(threshold, measured, controller)
-        key, sub = jax.random.split(key)
-        token = jnp.where(live, sample(logits[:, 0], sub, settings.sampling), 0)
-        tokens = tokens.at[:, i].set(token)
-        lengths = lengths + live
         live_count = jnp.sum(live)
-        admitted = admitted + stats.kv_fraction * live_count * heads
-        return i + 1, token, done | is_stop(token), lengths, tokens, cache, key, threshold, admitted, fed + live_count
+        return (
+            i + 1, logits[:, 0], done | (live & is_stop(token)), lengths + live, tokens.at[:, i].set(token), cache,
+            key, threshold, admitted + stats.kv_fraction * live_count * heads, fed + live_count,
+        )
 
-    _, _, _, lengths, tokens, cache, _, threshold, admitted, fed = jax.lax.while_loop(running, step, carry)
-    return tokens, lengths, cache, jnp.exp(threshold.log_tau), admitted, fed
+    _, logits, _, lengths, tokens, cache, _, threshold, admitted, fed = jax.lax.while_loop(running, step, carry)
+    return tokens, lengths, cache, logits, jnp.exp(threshold.log_tau), admitted, fed
 
 
 def _generate(graphdef, params, tokens, valid, key, taus, settings: DecodeSettings, capacity):
@@ -230,14 +230,31 @@ def _generate(graphdef, params, tokens, valid, key, taus, settings: DecodeSettin
     max_len = tokens.shape[1] + settings.max_new_tokens
     cache = start_cache(model, valid, max_len, capacity)
     logits, cache, prompt_admitted = prefill(model, tokens, valid, cache, taus=taus, evict=settings.evict)
-    new, lengths, cache, taus, admitted, fed = decode(model, cache, logits, key, taus, settings)
-    total = (jnp.sum(valid) + fed) * model.config.heads
-    return Generation(new, lengths, cache, taus, (prompt_admitted + admitted) / total)
+    new, lengths, cache, logits, taus, admitted, fed = decode(model, cache, logits, key, taus, settings)
+    fed = jnp.sum(valid) + fed
+    return Generation(new, lengths, cache, logits, taus, (prompt_admitted + admitted) / (fed * model.config.heads), fed)
+
+
+def _continue(graphdef, params, previous: Generation, key, settings: DecodeSettings):
+    """continue_generation as one pure function."""
+    model = nnx.merge(graphdef, params)
+    new, lengths, cache, logits, taus, admitted, fed = decode(
+        model, previous.cache, previous.logits, key, previous.taus, settings
+    )
+    heads = model.config.heads
+    admitted = admitted + previous.kv_fraction * previous.fed * heads
+    fed = previous.fed + fed
+    return Generation(new, lengths, cache, logits, taus, admitted / (fed * heads), fed)
 
 
 @functools.lru_cache(maxsize=32)
 def _compiled(graphdef, settings: DecodeSettings, capacity):
     return jax.jit(functools.partial(_generate, graphdef, settings=settings, capacity=capacity))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_continue(graphdef, settings: DecodeSettings):
+    return jax.jit(functools.partial(_continue, graphdef, settings=settings))
 
 
 def generate(
@@ -271,3 +288,41 @@ def generate(
     graphdef, params = nnx.split(model)
     run = _compiled(graphdef, settings, capacity)
     return run(params, tokens, valid, jax.random.key(seed), taus)
+
+
+def continue_generation(
+    model: LanguageModel,
+    previous: Generation,
+    *,
+    max_new_tokens: int,
+    sampling: SamplingConfig = SamplingConfig(),
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    evict: bool = False,
+) -> Generation:
+    """Generate up to `max_new_tokens` more tokens per row after `previous` (from generate or
+    continue_generation), every row resuming after its last token, a stop token included. Greedy,
+    the result is what one longer generation would have given. The thresholds stay at
+    previous.taus (a byte budget's controller is not carried on); full-attention caches grow to
+    hold the new tokens. Returns the new tokens only; kv_fraction and fed count every token fed."""
+    validation.check_positive_int("max_new_tokens", max_new_tokens)
+    stop_tokens = tuple(int(t) for t in stop_tokens)
+    validation.check_token_ids("stop_tokens", np.asarray(stop_tokens, np.int64), model.config.vocab_size)
+    cache = _with_room(model, previous.cache, max_new_tokens)
+    settings = DecodeSettings(max_new_tokens, sampling, stop_tokens, evict)
+    graphdef, params = nnx.split(model)
+    run = _compiled_continue(graphdef, settings)
+    return run(params, previous._replace(cache=cache), jax.random.key(seed))
+
+
+def _with_room(model: LanguageModel, cache: ModelCache, new_tokens: int) -> ModelCache:
+    """`cache` with every attention layer grown to at least min(window, context + new_tokens) slots,
+    so that full attention drops none of its entries."""
+    layers = []
+    for block, layer in zip(model.blocks, cache.layers):
+        if isinstance(layer, AttentionCache):
+            needed = int(jnp.max(layer.position)) + new_tokens
+            slots = min(block.mixer.window or needed, needed)
+            layer = layer.resized(slots) if slots > layer.keys.shape[2] else layer
+        layers.append(layer)
+    return ModelCache(tuple(layers))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hamjax import ops
-from hamjax.nn.model import LanguageModel
+from hamjax.nn.model import LanguageModel, ModelCache
 
 POSITION_BYTES = 4  # every cached entry keeps its int32 position
 
@@ -51,13 +51,13 @@ def kv_entry_bytes(key_dim: int, value_dim: int) -> int:
     return _bytes(_slot_arrays(jax.eval_shape(lambda: ops.init_kv_cache(1, 1, 1, key_dim, value_dim))), 3)
 
 
-def cache_memory(model: LanguageModel, cache: tuple, context: int, row: int = 0) -> list[LayerMemory]:
+def cache_memory(model: LanguageModel, cache: ModelCache, context: int, row: int = 0) -> list[LayerMemory]:
     """The memory of row `row` of `cache` (from model.init_cache / extend / generate) at `context`
     tokens seen, one LayerMemory per block."""
     c = model.config
     full = context * c.heads * ((c.key_dim + c.value_dim) * 4 + POSITION_BYTES)
     layers = []
-    for kind, layer in zip(c.mixers, cache):
+    for kind, layer in zip(c.mixers, cache.layers):
         if kind == "gdn":
             layers.append(LayerMemory(kind, 0, 0, 0, 0, _bytes((layer.rnn, layer.conv), 1), full))
             continue

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hamjax import ops
+from hamjax.nn.mixer import MixerStats, check_cache_size
 from hamjax.ops import validation
 from hamjax.ops.segments import segment_index
 
@@ -47,6 +48,22 @@ class AttentionCache(NamedTuple):
             last[:, 0] + 1,
         )
 
+    def resized(self, slots: int) -> AttentionCache:
+        """The same entries in a cache of `slots` slots, each at slot position mod slots. slots may not
+        be fewer than now, so no entry is dropped (the entries span fewer positions than the old
+        slots, so they stay apart)."""
+        validation.check_positive_int("slots", slots)
+        batch, heads, now, _ = self.keys.shape
+        if slots < now:
+            raise ValueError(f"an attention cache of {now} slots cannot shrink to {slots} without dropping entries")
+        b = jnp.arange(batch)[:, None, None]
+        h = jnp.arange(heads)[None, :, None]
+        slot = jnp.where(self.occupied, self.positions % slots, slots)  # slots: empty, dropped
+        move = lambda a, fill: jnp.full((batch, heads, slots, *a.shape[3:]), fill, a.dtype).at[b, h, slot].set(
+            a, mode="drop"
+        )
+        return AttentionCache(move(self.keys, 0), move(self.values, 0), move(self.positions, -1), self.position)
+
 
 class Attention(nnx.Module):
     """y = W_o[softmax_j(q_t . k_j / sqrt(head_dim)) v_j] per head, over the keys j <= t (within the
@@ -82,10 +99,11 @@ class Attention(nnx.Module):
         self.v_proj = linear(d_model, heads * head_dim)
         self.out_proj = linear(heads * head_dim, d_model)
 
-    def init_cache(self, batch: int, max_len: int) -> AttentionCache:
+    def init_cache(self, batch: int, max_len: int, capacity: int | None = None) -> AttentionCache:
         """An empty cache of S = min(window, max_len) slots (max_len for full attention; max_len: the
-        longest context a decode will reach; past it the oldest entries are overwritten)."""
-        validation.check_positive_int("max_len", max_len)
+        longest context a decode will reach; past it the oldest entries are overwritten). capacity
+        (hamjax.nn.mixer's protocol) bounds nothing here."""
+        check_cache_size(batch, max_len, capacity)
         slots = min(self.window or max_len, max_len)
         keys = jnp.zeros((batch, self.heads, slots, self.head_dim), jnp.float32)
         positions = jnp.full((batch, self.heads, slots), -1, jnp.int32)
@@ -96,7 +114,8 @@ class Attention(nnx.Module):
         position and also attend to its entries (None: positions 0..T-1, no cache kept); segment_ids
         [B, T] (a query sees only the keys of its own segment, a run of equal ids; not with a cache);
         valid [B, T] (False = padding: never a key nor cached, though the position counts it;
-        outputs there are to be ignored). Returns (y [B, T, D], the new cache or None).
+        outputs there are to be ignored). Returns (y [B, T, D], the new cache or None, MixerStats()
+        (none measured)).
         """
         validation.check_sequence_inputs(x, self.d_model, segment_ids, valid)
         if cache is not None and segment_ids is not None:
@@ -118,7 +137,7 @@ class Attention(nnx.Module):
                 q, positions, cache.keys, cache.values, cache.positions, cache.occupied,
                 logit_scale=logit_scale, window=self.window,
             )
-            return self.out_proj(o.reshape(batch, t, -1)), cache
+            return self.out_proj(o.reshape(batch, t, -1)), cache, MixerStats()
         o = ops.dense_routed_attention(
             q,
             k,
@@ -132,4 +151,4 @@ class Attention(nnx.Module):
             blockwise=True,
         )
         y = self.out_proj(o.reshape(batch, t, -1))
-        return y, None if cache is None else cache.write(k, v, positions, valid)
+        return y, None if cache is None else cache.write(k, v, positions, valid), MixerStats()

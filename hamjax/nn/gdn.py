@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hamjax import ops
+from hamjax.nn.mixer import MixerStats, check_cache_size
 from hamjax.nn.norm import RMSNorm
 from hamjax.nn.projections import DeltaProjections
 from hamjax.ops import validation
@@ -42,8 +43,10 @@ class GatedDeltaNet(nnx.Module):
         self.proj = DeltaProjections(d_model, heads, key_dim, value_dim, conv_width=conv_width, rngs=rngs)
         self.norm = RMSNorm(value_dim, eps=norm_eps)
 
-    def init_cache(self, batch: int) -> GDNCache:
-        """Empty cache for `batch` rows: zero RNN state and conv state."""
+    def init_cache(self, batch: int, max_len: int, capacity: int | None = None) -> GDNCache:
+        """Empty cache for `batch` rows (hamjax.nn.mixer's protocol; max_len and capacity bound
+        nothing here): zero RNN state and conv state."""
+        check_cache_size(batch, max_len, capacity)
         p = self.proj
         rnn = jnp.zeros((batch, p.heads, p.key_dim, p.value_dim), jnp.float32)
         return GDNCache(rnn, p.conv.init_state(batch))
@@ -53,9 +56,10 @@ class GatedDeltaNet(nnx.Module):
         (a new segment resets the RNN and conv state); valid [B, T] (False = padding: leaves the cache
         unchanged; outputs there are to be ignored); method "chunk" or "recurrent".
 
-        Returns (y [B, T, D], new cache). A length-1 input takes the single-step path.
+        Returns (y [B, T, D], new cache, MixerStats() (none measured)). A length-1 input takes the
+        single-step path.
         """
-        cache = self.init_cache(x.shape[0]) if cache is None else cache
+        cache = self.init_cache(*x.shape[:2]) if cache is None else cache
         inputs, conv = self.proj(x, cache.conv, segment_ids=segment_ids, valid=valid)
         rule = inputs[:5]  # q, k, v, g, beta
         if x.shape[1] == 1:
@@ -65,4 +69,4 @@ class GatedDeltaNet(nnx.Module):
             o, rnn, _ = ops.gated_delta_rule_with_errors(
                 *rule, initial_state=cache.rnn, method=method, chunk_size=self.chunk_size, segment_ids=segment_ids
             )
-        return self.proj.output(self.norm(o), inputs.z), GDNCache(rnn, conv)
+        return self.proj.output(self.norm(o), inputs.z), GDNCache(rnn, conv), MixerStats()

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from hamjax import ops
+from hamjax.nn.mixer import MixerStats, check_cache_size
 from hamjax.nn.norm import RMSNorm
 from hamjax.nn.projections import DeltaProjections
 from hamjax.nn.variables import NoWeightDecay
@@ -32,18 +33,6 @@ class HAMCache(NamedTuple):
 
     ham: ops.HamState
     conv: jax.Array
-
-
-class HAMStats(NamedTuple):
-    """admitted [B, T, H] bool; scores [B, T, H] float32; kv_fraction (scalar) and
-    kv_fraction_per_head [H]: admitted / valid tokens of this call; over_tau (scalar): valid tokens
-    scoring above tau / valid tokens, admitted or not (a full cache refuses them)."""
-
-    admitted: jax.Array
-    scores: jax.Array
-    kv_fraction: jax.Array
-    kv_fraction_per_head: jax.Array
-    over_tau: jax.Array
 
 
 class Threshold(nnx.Variable):
@@ -68,7 +57,8 @@ class HAM(nnx.Module):
     """HAM layer: x [B, T, D] -> y [B, T, D], with a KV cache of `capacity` (C) slots per row and head.
 
     router: "surprise" or "learned" (MLP hidden width `router_hidden`, default D // 4);
-    threshold: ops.ThresholdConfig, tau's initial value and controller (see `update_threshold`);
+    threshold: ops.ThresholdConfig, tau's initial value, its controller and whether each head has
+    its own tau (see `update_threshold`);
     logit_scale_init: lambda_h's initial value (default sqrt(K)); rope_theta: RoPE base at the
     entries' original positions (None: no RoPE); attention: "compacted" (blockwise over a buffer
     of the admitted tokens: work follows them, memory linear in T) or "dense" (the T x T
@@ -118,26 +108,27 @@ class HAM(nnx.Module):
         if router_hidden is None:
             router_hidden = max(d_model // 4, 1)
         self.router_mlp = LearnedRouter(d_model, heads, router_hidden, rngs=rngs) if router == "learned" else None
-        self.threshold = Threshold(ops.init_threshold(threshold))
+        self.threshold = Threshold(ops.init_threshold(threshold, heads))
 
     @property
     def tau(self) -> jax.Array:
-        """The current threshold exp(log tau): a scalar, or [H] after per-head updates."""
+        """The current threshold exp(log tau): a scalar, or [H] with ThresholdConfig.per_head."""
         return jnp.exp(self.threshold.get_value().log_tau)
 
     def update_threshold(self, measured_fraction) -> None:
         """One controller step (ops.update_threshold with `threshold_config`), outside the gradient:
-        pass stats.kv_fraction (one tau per layer) or stats.kv_fraction_per_head (one per head)."""
+        pass stats.over_tau, or stats.over_tau_per_head when the threshold is per head."""
         self.threshold.set_value(
             ops.update_threshold(self.threshold.get_value(), measured_fraction, self.threshold_config)
         )
 
-    def init_cache(self, batch: int, capacity: int | None = None) -> HAMCache:
-        """Empty cache for `batch` rows: zero RNN state, empty KV cache at position 0, zero conv state.
-        capacity: KV slots per row and head (default: the layer's `capacity`, as in training)."""
+    def init_cache(self, batch: int, max_len: int, capacity: int | None = None) -> HAMCache:
+        """Empty cache for `batch` rows (hamjax.nn.mixer's protocol; max_len bounds nothing here):
+        zero RNN state, empty KV cache at position 0, zero conv state. capacity: KV slots per row and
+        head (default: the layer's `capacity`, as in training)."""
+        check_cache_size(batch, max_len, capacity)
         p = self.proj
         capacity = self.capacity if capacity is None else capacity
-        validation.check_positive_int("capacity", capacity)
         state = ops.init_ham_state(batch, p.heads, p.key_dim, p.value_dim, capacity)
         return HAMCache(state, p.conv.init_state(batch))
 
@@ -160,12 +151,12 @@ class HAM(nnx.Module):
         evict (one token at a time only): a full cache replaces its least-surprising entry with a
         more surprising token instead of refusing it (ops.ham_step).
 
-        Returns (y [B, T, D], new cache, HAMStats). A length-1 input takes ops.ham_step.
+        Returns (y [B, T, D], new cache, MixerStats). A length-1 input takes ops.ham_step.
         """
         if evict and x.shape[1] != 1:
             raise ValueError(f"evict applies to one token at a time, got {x.shape[1]} tokens; run them one by one")
         fresh = cache is None
-        cache = self.init_cache(x.shape[0]) if fresh else cache
+        cache = self.init_cache(*x.shape[:2]) if fresh else cache
         inputs, conv = self.proj(x, cache.conv, segment_ids=segment_ids, valid=valid)
         scores = None if self.router_mlp is None else self.router_mlp(x)
         tau = self.tau if tau is None else tau
@@ -205,6 +196,8 @@ class HAM(nnx.Module):
                 **common,
             )
         h = self.norm(out.o_rnn) + self.gamma[...][:, None] * self.attn_norm(out.o_attn)
-        over_tau, _ = ops.kv_fraction(out.scores > jnp.asarray(tau, jnp.float32), valid)
-        stats = HAMStats(out.admitted, out.scores, out.kv_fraction, out.kv_fraction_per_head, over_tau)
+        over_tau, over_tau_per_head = ops.kv_fraction(out.scores > jnp.asarray(tau, jnp.float32), valid)
+        stats = MixerStats(
+            out.admitted, out.scores, out.kv_fraction, out.kv_fraction_per_head, over_tau, over_tau_per_head
+        )
         return self.proj.output(h, inputs.z), HAMCache(out.state, conv), stats

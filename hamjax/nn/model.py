@@ -13,9 +13,9 @@ import numpy as np
 from flax import nnx
 
 from hamjax import ops
-from hamjax.nn.attention import Attention
-from hamjax.nn.gdn import GatedDeltaNet
-from hamjax.nn.ham import HAM, ROUTERS
+from hamjax.nn.attention import Attention, AttentionCache
+from hamjax.nn.gdn import GatedDeltaNet, GDNCache
+from hamjax.nn.ham import HAM, ROUTERS, HAMCache
 from hamjax.nn.mlp import SwiGLU
 from hamjax.nn.norm import RMSNorm
 from hamjax.ops import validation
@@ -32,7 +32,8 @@ class ModelConfig:
 
     Attention layers use `heads` heads of size `key_dim`. HAM: `capacity` KV slots per row and head,
     `router`, and the threshold (tau_init; kv_target None keeps tau fixed, otherwise the controller
-    moves log tau by tau_lr * (measured - target) each training step after tau_freeze_steps).
+    moves log tau by tau_lr * (fraction of tokens over tau - target) each training step after
+    tau_freeze_steps, within [tau_min, tau_max]; tau_per_head: one tau per head instead of per layer).
     mlp_hidden None: 8/3 d_model rounded up to a multiple of 32. ham_attention: "compacted"
     (blockwise over a buffer of the admitted tokens: the fastest, by `hamjax bench` packed_step)
     or "dense" (the T x T reference).
@@ -53,6 +54,9 @@ class ModelConfig:
     kv_target: float | None = 0.25
     tau_lr: float = 0.1
     tau_freeze_steps: int = 0
+    tau_per_head: bool = False
+    tau_min: float = 1e-4
+    tau_max: float = 1e4
     ham_attention: str = "compacted"
     rope_theta: float | None = 10000.0
     conv_width: int = 4
@@ -72,10 +76,14 @@ class ModelConfig:
                 raise ValueError(f"pattern {self.pattern!r} names an unknown mixer {kind!r}; choose from {MIXERS}")
         validation.check_choice("router", self.router, ROUTERS)
         validation.check_choice("ham_attention", self.ham_attention, ATTENTION_PATHS)
-        validation.check_positive_float("tau_init", self.tau_init)
+        for name in ("tau_init", "tau_lr", "tau_min", "tau_max"):
+            validation.check_positive_float(name, getattr(self, name))
+        if not self.tau_min <= self.tau_init <= self.tau_max:
+            raise ValueError(
+                f"tau_init={self.tau_init!r} must lie in [tau_min, tau_max] = [{self.tau_min!r}, {self.tau_max!r}]"
+            )
         if self.kv_target is not None and not 0.0 < self.kv_target <= 1.0:
             raise ValueError(f"kv_target must be in (0, 1] or None, got {self.kv_target!r}")
-        validation.check_positive_float("tau_lr", self.tau_lr)
         validation.check_nonnegative_int("tau_freeze_steps", self.tau_freeze_steps)
 
     @property
@@ -99,18 +107,23 @@ class ModelConfig:
 
     @property
     def threshold(self) -> ops.ThresholdConfig:
-        return ops.ThresholdConfig(self.tau_init, self.kv_target, self.tau_lr, self.tau_freeze_steps)
+        return ops.ThresholdConfig(
+            self.tau_init, self.kv_target, self.tau_lr, self.tau_freeze_steps, self.tau_per_head, self.tau_min,
+            self.tau_max,
+        )
 
 
 class ModelStats(NamedTuple):
     """Of the HAM layers, in order (L_ham of them): kv_fraction [L_ham], kv_fraction_per_head
-    [L_ham, H] (admitted / valid tokens of this call); over_tau [L_ham] (tokens scoring above tau /
-    valid tokens, whether or not the cache had room); admitted [L_ham, B, T, H] bool (which tokens
-    each head wrote to its KV cache)."""
+    [L_ham, H] (admitted / valid tokens of this call); over_tau [L_ham], over_tau_per_head
+    [L_ham, H] (tokens scoring above tau / valid tokens, whether or not the cache had room: what the
+    controller follows); admitted [L_ham, B, T, H] bool (which tokens each head wrote to its KV
+    cache)."""
 
     kv_fraction: jax.Array
     kv_fraction_per_head: jax.Array
     over_tau: jax.Array
+    over_tau_per_head: jax.Array
     admitted: jax.Array
 
 
@@ -141,26 +154,23 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mlp = SwiGLU(config.d_model, config.mlp_width, rngs=rngs)
 
-    def init_cache(self, batch: int, max_len: int, capacity: int | None = None):
-        """The mixer's empty decode cache (max_len: the longest context, for full attention;
-        capacity: HAM's KV slots, default the layer's own)."""
-        if self.kind in ("attention", "swa"):
-            return self.mixer.init_cache(batch, max_len)
-        if self.kind == "ham":
-            return self.mixer.init_cache(batch, capacity)
-        return self.mixer.init_cache(batch)
-
     def __call__(self, x, *, cache=None, segment_ids=None, valid=None, tau=None, evict=False):
-        """Returns (x, the mixer's new cache (None for attention called without one), HAMStats or None).
+        """Returns (x, the mixer's new cache (None for attention called without one), MixerStats).
         tau and evict reach a HAM mixer only (see HAM.__call__)."""
-        h = self.mixer_norm(x)
-        stats = None
-        if self.kind == "ham":
-            h, cache, stats = self.mixer(h, cache=cache, segment_ids=segment_ids, valid=valid, tau=tau, evict=evict)
-        else:
-            h, cache = self.mixer(h, cache=cache, segment_ids=segment_ids, valid=valid)
+        extras = dict(tau=tau, evict=evict) if self.kind == "ham" else {}
+        h, cache, stats = self.mixer(self.mixer_norm(x), cache=cache, segment_ids=segment_ids, valid=valid, **extras)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), cache, stats
+
+
+class ModelCache(NamedTuple):
+    """The model's decode state: layers[i] is block i's mixer cache (HAMCache, GDNCache or
+    AttentionCache, by the block's kind), from LanguageModel.init_cache or extend."""
+
+    layers: tuple
+
+
+CACHE_TYPES = {"ham": HAMCache, "gdn": GDNCache, "attention": AttentionCache, "swa": AttentionCache}
 
 
 def _rematerialised(call):
@@ -193,11 +203,11 @@ class LanguageModel(nnx.Module):
     def ham_layers(self) -> list[HAM]:
         return [block.mixer for block in self.blocks if block.kind == "ham"]
 
-    def init_cache(self, batch: int, max_len: int, capacity: int | None = None) -> tuple:
+    def init_cache(self, batch: int, max_len: int, capacity: int | None = None) -> ModelCache:
         """Every block's empty decode cache, in order (max_len: the longest context a decode
         reaches; it sizes the full-attention caches; capacity: the HAM layers' KV slots per row and
         head, default the config's)."""
-        return tuple(block.init_cache(batch, max_len, capacity) for block in self.blocks)
+        return ModelCache(tuple(block.mixer.init_cache(batch, max_len, capacity) for block in self.blocks))
 
     def __call__(self, tokens, *, segment_ids=None, valid=None):
         """tokens [B, T] in [0, vocab); segment_ids [B, T] (packed documents: nothing crosses a
@@ -205,7 +215,7 @@ class LanguageModel(nnx.Module):
         logits, _, stats = self._forward(tokens, None, segment_ids, valid)
         return logits, stats
 
-    def extend(self, tokens, cache: tuple, *, valid=None, taus=None, evict: bool = False):
+    def extend(self, tokens, cache: ModelCache, *, valid=None, taus=None, evict: bool = False):
         """Run tokens [B, T] after the context held in `cache` (from `init_cache` or a previous
         call): a prefill for T > 1, a decode step (the recurrent forms) for T = 1. valid [B, T]
         (False = padding: it enters no state, though positions count it); taus [L_ham] or
@@ -215,40 +225,60 @@ class LanguageModel(nnx.Module):
         n_ham = len(self.ham_layers)
         if taus is not None and (jnp.ndim(taus) not in (1, 2) or jnp.shape(taus)[0] != n_ham):
             raise ValueError(f"taus must have shape [L_ham] or [L_ham, H] with L_ham = {n_ham}, got {jnp.shape(taus)}")
-        return self._forward(tokens, cache, None, valid, taus, evict)
+        self._check_cache(cache)
+        logits, layers, stats = self._forward(tokens, cache.layers, None, valid, taus, evict)
+        return logits, ModelCache(layers), stats
 
-    def _forward(self, tokens, cache, segment_ids, valid, taus=None, evict=False):
+    def _check_cache(self, cache) -> None:
+        if not isinstance(cache, ModelCache):
+            raise TypeError(f"cache must be a ModelCache (from init_cache or extend), got {type(cache).__name__}")
+        if len(cache.layers) != len(self.blocks):
+            raise ValueError(f"the cache holds {len(cache.layers)} layers' caches, the model has {len(self.blocks)}")
+        for i, (block, layer) in enumerate(zip(self.blocks, cache.layers)):
+            if not isinstance(layer, CACHE_TYPES[block.kind]):
+                raise TypeError(
+                    f"cache.layers[{i}] is a {type(layer).__name__}, but layer {i} is {block.kind!r}, "
+                    f"which keeps a {CACHE_TYPES[block.kind].__name__}"
+                )
+
+    def _forward(self, tokens, layer_caches, segment_ids, valid, taus=None, evict=False):
+        """Returns (logits, the blocks' new caches (a tuple), ModelStats)."""
         validation.check_rank("tokens", tokens, 2, "[B, T]")
         validation.check_token_ids("tokens", tokens, self.config.vocab_size)
         x = self.embed(tokens)
-        caches = [None] * len(self.blocks) if cache is None else list(cache)
+        caches = [None] * len(self.blocks) if layer_caches is None else list(layer_caches)
         call = lambda blk, x, c, tau: blk(x, cache=c, segment_ids=segment_ids, valid=valid, tau=tau, evict=evict)
         call = _rematerialised(call) if self.config.remat else call
-        fractions, per_head, over_tau, admitted = [], [], [], []
+        layer_stats = []
         for i, block in enumerate(self.blocks):
-            tau = None if taus is None or block.kind != "ham" else taus[len(fractions)]
+            tau = None if taus is None or block.kind != "ham" else taus[len(layer_stats)]
             x, caches[i], stats = call(block, x, caches[i], tau)
-            if stats is not None:
-                fractions.append(stats.kv_fraction)
-                per_head.append(stats.kv_fraction_per_head)
-                over_tau.append(stats.over_tau)
-                admitted.append(stats.admitted)
+            if block.kind == "ham":
+                layer_stats.append(stats)
         x = self.final_norm(x)
         logits = self.embed.attend(x) if self.head is None else self.head(x)
-        heads = self.config.heads
-        stats = ModelStats(
-            jnp.stack(fractions) if fractions else jnp.zeros((0,), jnp.float32),
-            jnp.stack(per_head) if per_head else jnp.zeros((0, heads), jnp.float32),
-            jnp.stack(over_tau) if over_tau else jnp.zeros((0,), jnp.float32),
-            jnp.stack(admitted) if admitted else jnp.zeros((0, *tokens.shape, heads), bool),
-        )
-        return logits.astype(jnp.float32), tuple(caches), stats
+        return logits.astype(jnp.float32), tuple(caches), self._stack_stats(layer_stats, tokens.shape)
 
-    def update_thresholds(self, kv_fraction) -> None:
-        """One controller step for each HAM layer from its measured kv_fraction [L_ham]."""
+    def _stack_stats(self, layer_stats: list, tokens_shape) -> ModelStats:
+        """The HAM layers' MixerStats, stacked along a leading L_ham axis (empty arrays without any)."""
+        if not layer_stats:
+            h = self.config.heads
+            empty = lambda *shape, dtype=jnp.float32: jnp.zeros((0, *shape), dtype)
+            return ModelStats(empty(), empty(h), empty(), empty(h), empty(*tokens_shape, h, dtype=bool))
+        stack = lambda name: jnp.stack([getattr(stats, name) for stats in layer_stats])
+        return ModelStats(*(stack(name) for name in ModelStats._fields))
+
+    def controller_signal(self, stats: ModelStats) -> jax.Array:
+        """What the threshold controllers follow: stats.over_tau [L_ham], or over_tau_per_head
+        [L_ham, H] with config.tau_per_head."""
+        return stats.over_tau_per_head if self.config.tau_per_head else stats.over_tau
+
+    def update_thresholds(self, over_tau) -> None:
+        """One controller step for each HAM layer from its measured fraction of tokens over tau
+        (`controller_signal`): [L_ham], or [L_ham, H] with config.tau_per_head."""
         for i, layer in enumerate(self.ham_layers):
-            layer.update_threshold(kv_fraction[i])
+            layer.update_threshold(over_tau[i])
 
     def taus(self) -> jax.Array:
-        """The HAM layers' thresholds [L_ham]."""
+        """The HAM layers' thresholds: [L_ham], or [L_ham, H] with config.tau_per_head."""
         return jnp.stack([layer.tau for layer in self.ham_layers]) if self.ham_layers else jnp.zeros((0,))

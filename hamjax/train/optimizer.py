@@ -50,7 +50,8 @@ def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
     leaves, treedef = jax.tree.flatten(weight_decay_mask(model))
     settings = {name: getattr(config, name) for name in _SETTINGS}
     optimizer = nnx.Optimizer(model, _transformation(TrainConfig(**settings), treedef, tuple(leaves)), wrt=nnx.Param)
-    optimizer.opt_state[-1].hyperparams["peak"][...] = jnp.asarray(config.learning_rate, jnp.float32)
+    # Found by name (optax.tree_utils), not by its place in the chain's state.
+    optax.tree_utils.tree_get(optimizer.opt_state, "peak")[...] = jnp.asarray(config.learning_rate, jnp.float32)
     return optimizer
 
 

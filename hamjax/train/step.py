@@ -21,7 +21,8 @@ from hamjax.train import sharding
 
 class StepMetrics(NamedTuple):
     """loss: mean next-token loss in nats; tokens: scored targets; grad_norm: before clipping;
-    kv_fraction [L_ham]: admitted / tokens per HAM layer; tau [L_ham]: thresholds after the step."""
+    kv_fraction [L_ham]: admitted / tokens per HAM layer; tau [L_ham] (or [L_ham, H] with
+    tau_per_head): thresholds after the step."""
 
     loss: jax.Array
     tokens: jax.Array
@@ -52,7 +53,7 @@ def _scored(segment_ids, valid):
 def _train_update(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_ids) -> StepMetrics:
     """The body of train_step. rows, segment_ids [A, B, T + 1] (A micro-batches): the mean loss over all scored targets,
     its gradient accumulated over the micro-batches, one AdamW update, then one controller step
-    per HAM layer with the KV fraction measured over the whole batch."""
+    per HAM layer with the fraction of tokens over tau measured over the whole batch."""
     tokens = jnp.sum(target_mask(segment_ids.reshape(-1, segment_ids.shape[-1])))
     scale = 1.0 / jnp.maximum(tokens, 1)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -63,23 +64,28 @@ def _train_update(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_
             return loss_sum * scale, stats
 
         (loss_value, stats), micro_grads = jax.value_and_grad(loss, has_aux=True)(params)
-        return jax.tree.map(jnp.add, grads, micro_grads), (loss_value, stats.kv_fraction)
+        measured = (loss_value, stats.kv_fraction, model.controller_signal(stats))
+        return jax.tree.map(jnp.add, grads, micro_grads), measured
 
     zeros = jax.tree.map(jnp.zeros_like, params)
     if rows.shape[0] == 1:  # one micro-batch: no loop to carry (and copy) the gradients through
-        grads, (loss_value, fraction) = micro_step(zeros, (rows[0], segment_ids[0]))
-        losses, fractions = loss_value[None], fraction[None]
+        grads, measured = micro_step(zeros, (rows[0], segment_ids[0]))
+        losses, fractions, over_tau = (x[None] for x in measured)
     else:
-        grads, (losses, fractions) = jax.lax.scan(micro_step, zeros, (rows, segment_ids))
-    return _apply_update(model, optimizer, grads, jnp.sum(losses), tokens, jnp.mean(fractions, axis=0))
+        grads, (losses, fractions, over_tau) = jax.lax.scan(micro_step, zeros, (rows, segment_ids))
+    mean = lambda x: jnp.mean(x, axis=0)
+    return _apply_update(model, optimizer, grads, jnp.sum(losses), tokens, mean(fractions), mean(over_tau))
 
 
-def _apply_update(model: LanguageModel, optimizer: nnx.Optimizer, grads, loss, tokens, kv_fraction) -> StepMetrics:
+def _apply_update(
+    model: LanguageModel, optimizer: nnx.Optimizer, grads, loss, tokens, kv_fraction, over_tau
+) -> StepMetrics:
     """The tail every training step shares: one optimizer update with the gradient of the mean loss,
-    then one controller step per HAM layer from kv_fraction [L_ham] measured over the whole batch."""
+    then one controller step per HAM layer from over_tau (LanguageModel.controller_signal) measured
+    over the whole batch."""
     grad_norm = optax.tree.norm(grads)
     optimizer.update(model, grads)
-    model.update_thresholds(kv_fraction)
+    model.update_thresholds(over_tau)
     return StepMetrics(loss, tokens, grad_norm, kv_fraction, model.taus())
 
 
@@ -93,12 +99,11 @@ def _eval_sums(model: LanguageModel, rows, segment_ids, valid_rows=None):
 
 
 train_step = nnx.jit(_train_update)
-eval_step = nnx.jit(_eval_sums)
 
 
 class MeshSteps:
-    """train_step and eval_step for a model and optimizer laid out on a mesh. The constructor places
-    their state by hamjax.train.sharding's rules; batches come in as global arrays
+    """The training step and the evaluation sums for a model and optimizer laid out on a mesh. The
+    constructor places their state by hamjax.train.sharding's rules; batches come in as global arrays
     (sharding.global_rows); each step's updated state keeps that layout (the old state is donated)
     and the model and optimizer objects are updated in place, as by train_step."""
 
@@ -120,7 +125,7 @@ class MeshSteps:
 
     def evaluate(self, rows, segment_ids, valid_rows=None):
         """rows, segment_ids [B, T + 1] and valid_rows [B, 1] (or None) global arrays -> (summed loss,
-        scored targets, kv_fraction), as eval_step."""
+        scored targets, kv_fraction over the valid rows)."""
         return self._eval(nnx.state(self.objects), rows, segment_ids, valid_rows)
 
 
@@ -172,7 +177,7 @@ def _recall_loss_sum(model: LanguageModel, inputs, targets):
 def recall_train_step(model: LanguageModel, optimizer: nnx.Optimizer, inputs, targets) -> StepMetrics:
     """inputs [B, T] int32 and targets [B, T] int32 (the token to predict after inputs[t], IGNORE_INDEX
     where unscored): the mean cross-entropy over the scored targets, one optimizer update, then one
-    controller step per HAM layer with the batch's KV fraction, as train_step. StepMetrics.tokens
+    controller step per HAM layer from the batch's fraction of tokens over tau, as train_step. StepMetrics.tokens
     counts the scored targets."""
     scored = jnp.sum(targets != IGNORE_INDEX)
     scale = 1.0 / jnp.maximum(scored, 1)
@@ -183,7 +188,9 @@ def recall_train_step(model: LanguageModel, optimizer: nnx.Optimizer, inputs, ta
         return loss_sum * scale, stats
 
     (loss_value, stats), grads = jax.value_and_grad(loss, has_aux=True)(params)
-    return _apply_update(model, optimizer, grads, loss_value, scored, stats.kv_fraction)
+    return _apply_update(
+        model, optimizer, grads, loss_value, scored, stats.kv_fraction, model.controller_signal(stats)
+    )
 
 
 @nnx.jit
