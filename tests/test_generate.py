@@ -177,6 +177,25 @@ def test_stop_tokens_end_each_row():
     assert int(out.lengths[1]) <= 3
 
 
+def test_a_row_that_stopped_keeps_the_logits_after_its_last_token():
+    """The Generation's logits of a row that ended are those after its stop token (what a
+    continuation samples from), not after the padding fed while the other rows ran on."""
+    model = model_for("gdn")
+    free = generate(model, PROMPTS, max_new_tokens=NEW)
+    stop = int(free.tokens[1, 2])
+    out = generate(model, PROMPTS, max_new_tokens=NEW, stop_tokens=[stop])
+    row = 1
+    assert int(out.lengths[row]) < int(jnp.max(out.lengths))  # it ended while another row went on
+    context = PROMPTS[row] + [int(t) for t in out.tokens[row, : int(out.lengths[row])]]
+    assert rel_rms(out.logits[row], _next_logits(model, context)) <= TOL
+
+
+def _next_logits(model, context):
+    """The logits after `context` [N] by one plain forward pass."""
+    logits, _ = model(jnp.asarray([context], jnp.int32))
+    return logits[0, -1]
+
+
 # --- cache policies --------------------------------------------------------------------------------
 
 

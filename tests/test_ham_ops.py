@@ -590,8 +590,9 @@ def test_segments_that_each_fill_their_cache_all_attend(fresh):
     if not fresh:  # a previous call's cache, full, continued by the first segment
         prefix = random_inputs(22, batch=b, steps=5, heads=h, dk=dk, dv=dv, initial_state=False)
         names = ("q", "k", "v", "g", "beta")
-        state = ops.ham_sequence(*(prefix[n] for n in names), ops.init_ham_state(b, h, dk, dv, capacity),
-                                 tau=tau, logit_scale=logit_scale).state
+        state = jax.jit(functools.partial(ops.ham_sequence, tau=tau, logit_scale=logit_scale))(
+            *(prefix[n] for n in names), ops.init_ham_state(b, h, dk, dv, capacity)
+        ).state
         ref_state = ham_reference(*(prefix[n] for n in names), tau=tau, logit_scale=logit_scale,
                                   capacity=capacity).state
     out = jax.jit(functools.partial(ops.ham_sequence, capacity=capacity if fresh else None, attention="compacted"))(
@@ -815,10 +816,12 @@ def test_o_rnn_of_bf16_inputs_is_float32_as_computed():
     inputs' bfloat16 on the way (which would cost ~3 significant digits before the layer's norm)."""
     x = random_inputs(23, batch=1, steps=16, heads=2, dk=4, dv=3, initial_state=False)
     bf16 = {n: jnp.asarray(x[n], jnp.bfloat16) for n in ("q", "k", "v", "g", "beta")}
-    out = ops.ham_sequence(*bf16.values(), None, capacity=4, tau=0.5, logit_scale=jnp.ones(2))
-    exact = ops.gated_delta_rule_with_errors(*(a.astype(jnp.float32) for a in bf16.values())).output
+    sequence = jax.jit(functools.partial(ops.ham_sequence, capacity=4, tau=0.5, logit_scale=jnp.ones(2)))
+    out = sequence(*bf16.values(), None)
+    exact = jax.jit(ops.gated_delta_rule_with_errors)(*(a.astype(jnp.float32) for a in bf16.values())).output
     assert out.o_rnn.dtype == jnp.float32
     assert rel_rms(out.o_rnn, exact) <= TOL
-    step = ops.ham_step(*(a[:, 0] for a in bf16.values()), ops.init_ham_state(1, 2, 4, 3, 4), tau=0.5,
-                        logit_scale=jnp.ones(2))
+    step = jax.jit(functools.partial(ops.ham_step, tau=0.5, logit_scale=jnp.ones(2)))(
+        *(a[:, 0] for a in bf16.values()), ops.init_ham_state(1, 2, 4, 3, 4)
+    )
     assert step.o_rnn.dtype == jnp.float32 and rel_rms(step.o_rnn, exact[:, 0]) <= TOL

@@ -387,11 +387,12 @@ def test_every_mixer_follows_one_call_protocol(kind):
     x = jnp.asarray(np.random.default_rng(1).standard_normal((2, T, 32)), jnp.float32)
     cache = mixer.init_cache(2, T, None)
     assert isinstance(cache, CACHE_TYPES[kind])
-    y, new_cache, stats = mixer(x, cache=cache, segment_ids=None, valid=None)
+    call = nnx.jit(lambda mixer, x, cache: mixer(x, cache=cache, segment_ids=None, valid=None))
+    y, new_cache, stats = call(mixer, x, cache)
     assert y.shape == x.shape and type(new_cache) is type(cache) and isinstance(stats, MixerStats)
     filled = [field for field, value in stats._asdict().items() if value is not None]
     assert filled == (list(MixerStats._fields) if kind == "ham" else [])
-    _, step_cache, step_stats = mixer(x[:, :1], cache=new_cache)  # one more token, the decode form
+    _, step_cache, step_stats = call(mixer, x[:, :1], new_cache)  # one more token, the decode form
     assert type(step_cache) is type(cache) and isinstance(step_stats, MixerStats)
     with pytest.raises(ValueError, match="max_len"):
         mixer.init_cache(2, 0)

@@ -208,15 +208,16 @@ def decode(model: LanguageModel, cache: ModelCache, logits, key, taus, settings:
         key, sub = jax.random.split(key)
         token = jnp.where(live, sample(logits, sub, settings.sampling), 0)
         step_model = nnx.merge(graphdef, params)
-        logits, cache, stats = step_model.extend(
+        step_logits, cache, stats = step_model.extend(
             token[:, None], cache, valid=live[:, None], taus=jnp.exp(threshold.log_tau), evict=settings.evict
         )
+        logits = jnp.where(live[:, None], step_logits[:, 0], logits)  # an ended row keeps its own
         if settings.target is not None:
             measured = stats.over_tau.reshape((-1,) + (1,) * (threshold.log_tau.ndim - 1))  # [L_ham] or [L_ham, 1]
             threshold = ops.update_threshold(threshold, measured, controller)
         live_count = jnp.sum(live)
         return (
-            i + 1, logits[:, 0], done | (live & is_stop(token)), lengths + live, tokens.at[:, i].set(token), cache,
+            i + 1, logits, done | (live & is_stop(token)), lengths + live, tokens.at[:, i].set(token), cache,
             key, threshold, admitted + stats.kv_fraction * live_count * heads, fed + live_count,
         )
 

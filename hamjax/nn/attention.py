@@ -70,7 +70,8 @@ class Attention(nnx.Module):
     last `window` positions, t included, when `window` is given; all of them when None). q and k are
     RoPE-rotated at their positions (base `rope_theta`; None: no RoPE). x [B, T, D] -> y [B, T, D].
 
-    Parameters: q_proj, k_proj, v_proj [D, H head_dim], out_proj [H head_dim, D]. No biases.
+    Parameters: q_proj, k_proj, v_proj [D, H head_dim], out_proj [H head_dim, D] (param_dtype), no
+    biases; projections in `dtype`, the softmax in float32.
     """
 
     def __init__(
@@ -81,6 +82,8 @@ class Attention(nnx.Module):
         *,
         window: int | None = None,
         rope_theta: float | None = 10000.0,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         for name, value in (("d_model", d_model), ("heads", heads), ("head_dim", head_dim)):
@@ -93,7 +96,7 @@ class Attention(nnx.Module):
                 raise ValueError(f"RoPE needs an even head_dim, got {head_dim} (or pass rope_theta=None)")
         self.d_model, self.heads, self.head_dim = d_model, heads, head_dim
         self.window, self.rope_theta = window, rope_theta
-        linear = functools.partial(nnx.Linear, use_bias=False, rngs=rngs)
+        linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = linear(d_model, heads * head_dim)
         self.k_proj = linear(d_model, heads * head_dim)
         self.v_proj = linear(d_model, heads * head_dim)

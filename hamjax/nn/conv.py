@@ -93,14 +93,14 @@ class ShortConv(nnx.Module):
     """Depthwise causal convolution over [B, T, C] (no bias), weight [W, C] ~ U(+-1/sqrt(W)) as in
     PyTorch's Conv1d. A length-1 input takes the single-step path."""
 
-    def __init__(self, channels: int, width: int = 4, *, rngs: nnx.Rngs):
+    def __init__(self, channels: int, width: int = 4, *, param_dtype=jnp.float32, rngs: nnx.Rngs):
         validation.check_positive_int("channels", channels)
         validation.check_positive_int("width", width)
         self.channels = channels
         self.width = width
         bound = width**-0.5
         self.weight = nnx.Param(
-            jax.random.uniform(rngs.params(), (width, channels), jnp.float32, -bound, bound)
+            jax.random.uniform(rngs.params(), (width, channels), param_dtype, -bound, bound)
         )
 
     def init_state(self, batch: int) -> jax.Array:
@@ -108,10 +108,13 @@ class ShortConv(nnx.Module):
         return jnp.zeros((batch, self.width - 1, self.channels), jnp.float32)
 
     def __call__(self, x, state, *, segment_ids=None, valid=None):
-        """x [B, T, C]; state [B, W-1, C]; segment_ids, valid [B, T]. Returns (y [B, T, C], new state)."""
+        """x [B, T, C]; state [B, W-1, C]; segment_ids, valid [B, T]. Returns (y [B, T, C] in x's
+        dtype, new state in the state's dtype). The taps are summed in float32 whatever x's dtype."""
         validation.check_shape("conv state", state, (x.shape[0], self.width - 1, self.channels), "[B, W-1, C]")
-        weight = self.weight[...]
+        weight, x32 = self.weight[...].astype(jnp.float32), x.astype(jnp.float32)
         if x.shape[1] == 1:
-            y, state = causal_conv_step(x[:, 0], weight, state, valid=None if valid is None else valid[:, 0])
-            return y[:, None], state
-        return causal_conv(x, weight, state, segment_ids=segment_ids, valid=valid)
+            y, new_state = causal_conv_step(x32[:, 0], weight, state, valid=None if valid is None else valid[:, 0])
+            y = y[:, None]
+        else:
+            y, new_state = causal_conv(x32, weight, state, segment_ids=segment_ids, valid=valid)
+        return y.astype(x.dtype), new_state.astype(state.dtype)

@@ -24,7 +24,8 @@ class GDNCache(NamedTuple):
 
 class GatedDeltaNet(nnx.Module):
     """y = W_o[RMSNorm(o) * SiLU(z)], o the gated delta rule (hamjax.ops) over the inputs from
-    `DeltaProjections`; RMSNorm per head over V. x [B, T, D] -> y [B, T, D]."""
+    `DeltaProjections` (projections in `dtype`, weights in `param_dtype`; the recurrence in float32);
+    RMSNorm per head over V. x [B, T, D] -> y [B, T, D]."""
 
     def __init__(
         self,
@@ -36,11 +37,15 @@ class GatedDeltaNet(nnx.Module):
         conv_width: int = 4,
         chunk_size: int = 64,
         norm_eps: float = 1e-5,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         validation.check_positive_int("chunk_size", chunk_size)
         self.chunk_size = chunk_size
-        self.proj = DeltaProjections(d_model, heads, key_dim, value_dim, conv_width=conv_width, rngs=rngs)
+        self.proj = DeltaProjections(
+            d_model, heads, key_dim, value_dim, conv_width=conv_width, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.norm = RMSNorm(value_dim, eps=norm_eps)
 
     def init_cache(self, batch: int, max_len: int, capacity: int | None = None) -> GDNCache:

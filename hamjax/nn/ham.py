@@ -44,10 +44,10 @@ class Threshold(nnx.Variable):
 class LearnedRouter(nnx.Module):
     """s = sigmoid(W_2 SiLU(W_1 x + b_1) + b_2): x [B, T, D] -> scores [B, T, H] in (0, 1), float32."""
 
-    def __init__(self, d_model: int, heads: int, hidden: int, *, rngs: nnx.Rngs):
+    def __init__(self, d_model: int, heads: int, hidden: int, *, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
         validation.check_positive_int("router_hidden", hidden)
-        self.hidden = nnx.Linear(d_model, hidden, rngs=rngs)
-        self.out = nnx.Linear(hidden, heads, rngs=rngs)
+        self.hidden = nnx.Linear(d_model, hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.out = nnx.Linear(hidden, heads, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def __call__(self, x):
         return jax.nn.sigmoid(self.out(jax.nn.silu(self.hidden(x))).astype(jnp.float32))
@@ -62,7 +62,8 @@ class HAM(nnx.Module):
     logit_scale_init: lambda_h's initial value (default sqrt(K)); rope_theta: RoPE base at the
     entries' original positions (None: no RoPE); attention: "compacted" (blockwise over a buffer
     of the admitted tokens: work follows them, memory linear in T) or "dense" (the T x T
-    reference); chunk_size: the delta rule's chunk. gamma_h starts at 1.
+    reference); chunk_size: the delta rule's chunk; dtype / param_dtype: the projections' compute
+    and weight dtypes (routing, the recurrence and the softmax stay float32). gamma_h starts at 1.
     """
 
     def __init__(
@@ -82,6 +83,8 @@ class HAM(nnx.Module):
         conv_width: int = 4,
         chunk_size: int = 64,
         norm_eps: float = 1e-5,
+        dtype=None,
+        param_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         validation.check_positive_int("capacity", capacity)
@@ -100,14 +103,20 @@ class HAM(nnx.Module):
         self.attention = attention
         self.chunk_size = chunk_size
         self.threshold_config = threshold
-        self.proj = DeltaProjections(d_model, heads, key_dim, value_dim, conv_width=conv_width, rngs=rngs)
+        self.proj = DeltaProjections(
+            d_model, heads, key_dim, value_dim, conv_width=conv_width, dtype=dtype, param_dtype=param_dtype, rngs=rngs
+        )
         self.norm = RMSNorm(value_dim, eps=norm_eps)
         self.attn_norm = RMSNorm(value_dim, eps=norm_eps)
         self.log_logit_scale = NoWeightDecay(jnp.full((heads,), math.log(logit_scale_init), jnp.float32))
         self.gamma = NoWeightDecay(jnp.ones((heads,), jnp.float32))
         if router_hidden is None:
             router_hidden = max(d_model // 4, 1)
-        self.router_mlp = LearnedRouter(d_model, heads, router_hidden, rngs=rngs) if router == "learned" else None
+        self.router_mlp = (
+            LearnedRouter(d_model, heads, router_hidden, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+            if router == "learned"
+            else None
+        )
         self.threshold = Threshold(ops.init_threshold(threshold, heads))
 
     @property

@@ -22,6 +22,7 @@ from hamjax.ops import validation
 from hamjax.ops.ham import ATTENTION_PATHS
 
 MIXERS = ("ham", "gdn", "attention", "swa")  # swa: sliding-window attention
+DTYPES = ("float32", "bfloat16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +37,9 @@ class ModelConfig:
     tau_freeze_steps, within [tau_min, tau_max]; tau_per_head: one tau per head instead of per layer).
     mlp_hidden None: 8/3 d_model rounded up to a multiple of 32. ham_attention: "compacted"
     (blockwise over a buffer of the admitted tokens: the fastest, by `hamjax bench` packed_step)
-    or "dense" (the T x T reference).
+    or "dense" (the T x T reference). dtype: the activations and matmul inputs ("float32" or
+    "bfloat16"); param_dtype: the weights' storage ("float32"); the precision policy in the README
+    says what stays float32 whatever dtype is (state, gates, routing, softmax, norms, logits, loss).
     """
 
     vocab_size: int = 256
@@ -64,6 +67,8 @@ class ModelConfig:
     tie_embeddings: bool = True
     remat: bool = False
     norm_eps: float = 1e-5
+    dtype: str = "float32"
+    param_dtype: str = "float32"
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "heads", "key_dim", "value_dim", "window", "capacity",
@@ -75,6 +80,8 @@ class ModelConfig:
             if kind not in MIXERS:
                 raise ValueError(f"pattern {self.pattern!r} names an unknown mixer {kind!r}; choose from {MIXERS}")
         validation.check_choice("router", self.router, ROUTERS)
+        validation.check_choice("dtype", self.dtype, DTYPES)
+        validation.check_choice("param_dtype", self.param_dtype, DTYPES)
         validation.check_choice("ham_attention", self.ham_attention, ATTENTION_PATHS)
         for name in ("tau_init", "tau_lr", "tau_min", "tau_max"):
             validation.check_positive_float(name, getattr(self, name))
@@ -129,19 +136,20 @@ class ModelStats(NamedTuple):
 
 def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     c = config
+    dtypes = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
     if kind == "ham":
         return HAM(
             c.d_model, c.heads, c.key_dim, c.value_dim, capacity=c.capacity, router=c.router,
             threshold=c.threshold, rope_theta=c.rope_theta, attention=c.ham_attention, conv_width=c.conv_width,
-            chunk_size=c.chunk_size, norm_eps=c.norm_eps, rngs=rngs,
+            chunk_size=c.chunk_size, norm_eps=c.norm_eps, rngs=rngs, **dtypes,
         )
     if kind == "gdn":
         return GatedDeltaNet(
             c.d_model, c.heads, c.key_dim, c.value_dim, conv_width=c.conv_width, chunk_size=c.chunk_size,
-            norm_eps=c.norm_eps, rngs=rngs,
+            norm_eps=c.norm_eps, rngs=rngs, **dtypes,
         )
     window = c.window if kind == "swa" else None
-    return Attention(c.d_model, c.heads, c.key_dim, window=window, rope_theta=c.rope_theta, rngs=rngs)
+    return Attention(c.d_model, c.heads, c.key_dim, window=window, rope_theta=c.rope_theta, rngs=rngs, **dtypes)
 
 
 class Block(nnx.Module):
@@ -152,7 +160,10 @@ class Block(nnx.Module):
         self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = make_mixer(kind, config, rngs)
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = SwiGLU(config.d_model, config.mlp_width, rngs=rngs)
+        self.mlp = SwiGLU(
+            config.d_model, config.mlp_width, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
+            rngs=rngs,
+        )
 
     def __call__(self, x, *, cache=None, segment_ids=None, valid=None, tau=None, evict=False):
         """Returns (x, the mixer's new cache (None for attention called without one), MixerStats).
@@ -192,12 +203,21 @@ class LanguageModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         std = config.d_model**-0.5  # tied head: logits of unit-RMS features start with unit scale
+        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.embed = nnx.Embed(
-            config.vocab_size, config.d_model, embedding_init=nnx.initializers.normal(std), rngs=rngs
+            config.vocab_size, config.d_model, embedding_init=nnx.initializers.normal(std), dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs,
         )
         self.blocks = nnx.List([Block(kind, config, rngs=rngs) for kind in config.mixers])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.head = None if config.tie_embeddings else nnx.Linear(config.d_model, config.vocab_size, use_bias=False, rngs=rngs)
+        self.head = (
+            None
+            if config.tie_embeddings
+            else nnx.Linear(
+                config.d_model, config.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
+                rngs=rngs,
+            )
+        )
 
     @property
     def ham_layers(self) -> list[HAM]:
@@ -256,8 +276,15 @@ class LanguageModel(nnx.Module):
             if block.kind == "ham":
                 layer_stats.append(stats)
         x = self.final_norm(x)
-        logits = self.embed.attend(x) if self.head is None else self.head(x)
-        return logits.astype(jnp.float32), tuple(caches), self._stack_stats(layer_stats, tokens.shape)
+        return self._logits(x), tuple(caches), self._stack_stats(layer_stats, tokens.shape)
+
+    def _logits(self, features):
+        """features [B, T, D] -> logits [B, T, vocab], computed in float32 whatever the model's dtype
+        (they feed the softmax of the loss and of sampling)."""
+        features = features.astype(jnp.float32)
+        if self.head is not None:
+            return self.head(features)
+        return features @ self.embed.embedding[...].astype(jnp.float32).T
 
     def _stack_stats(self, layer_stats: list, tokens_shape) -> ModelStats:
         """The HAM layers' MixerStats, stacked along a leading L_ham axis (empty arrays without any)."""

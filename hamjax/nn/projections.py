@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -38,25 +39,28 @@ class DeltaProjections(nnx.Module):
 
     Parameters: qkv_proj [D, H(2K + V)] (columns q | k | v), conv (depthwise, width W, over those
     columns), gate_proj [D, H(V + 2)] (columns z | b | a), A_log and dt_bias [H] (NoWeightDecay),
-    out_proj [HV, D]. No biases.
+    out_proj [HV, D]. No biases. The projections and the conv run in `dtype` with weights of
+    `param_dtype` (A_log and dt_bias stay float32, as do the gates, q, k and the output gate's read).
     """
 
     def __init__(
-        self, d_model: int, heads: int, key_dim: int, value_dim: int, *, conv_width: int = 4, rngs: nnx.Rngs
+        self, d_model: int, heads: int, key_dim: int, value_dim: int, *, conv_width: int = 4, dtype=None,
+        param_dtype=jnp.float32, rngs: nnx.Rngs,
     ):
         for name, value in (("d_model", d_model), ("heads", heads), ("key_dim", key_dim), ("value_dim", value_dim)):
             validation.check_positive_int(name, value)
         self.d_model, self.heads, self.key_dim, self.value_dim = d_model, heads, key_dim, value_dim
         qkv = heads * (2 * key_dim + value_dim)
-        self.qkv_proj = nnx.Linear(d_model, qkv, use_bias=False, rngs=rngs)
-        self.conv = ShortConv(qkv, conv_width, rngs=rngs)
-        self.gate_proj = nnx.Linear(d_model, heads * (value_dim + 2), use_bias=False, rngs=rngs)
+        linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.qkv_proj = linear(d_model, qkv)
+        self.conv = ShortConv(qkv, conv_width, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = linear(d_model, heads * (value_dim + 2))
         a = A_MAX * (1.0 - jax.random.uniform(rngs.params(), (heads,), jnp.float32))
         self.A_log = NoWeightDecay(jnp.log(a))
         log_dt = jax.random.uniform(rngs.params(), (heads,), jnp.float32, *map(math.log, DT_RANGE))
         dt = jnp.exp(log_dt)
         self.dt_bias = NoWeightDecay(dt + jnp.log(-jnp.expm1(-dt)))
-        self.out_proj = nnx.Linear(heads * value_dim, d_model, use_bias=False, rngs=rngs)
+        self.out_proj = linear(heads * value_dim, d_model)
 
     def __call__(self, x, conv_state, *, segment_ids=None, valid=None):
         """x [B, T, D]; conv_state [B, W-1, H(2K + V)]; segment_ids, valid [B, T].
