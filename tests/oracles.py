@@ -69,6 +69,21 @@ def rel_rms(actual, expected) -> float:
     return float(np.sqrt(np.mean((a - e) ** 2)) / np.sqrt(np.mean(e**2)))
 
 
+def assert_close(got, want, label, tol=1e-5):
+    """got has want's shape, is finite and within `tol` relative RMS error of it (default: float32
+    against a float64 oracle)."""
+    got = np.asarray(got, np.float64)
+    assert got.shape == np.shape(want), f"{label}: shape {got.shape} != {np.shape(want)}"
+    assert np.isfinite(got).all(), f"{label}: non-finite values"
+    err = rel_rms(got, want)
+    assert err <= tol, f"{label}: relative RMS error {err:.2e} > {tol:.0e}"
+
+
+def unit(x):
+    """x / ||x|| along the last axis, as float32 (queries and keys as HAM's are)."""
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
 def _softplus(x):
     return np.logaddexp(0.0, x)
 

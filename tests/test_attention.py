@@ -16,22 +16,10 @@ from hamjax import ops
 from hamjax.ops import blockwise_attention
 from hamjax.ops import kv_cache as kv
 from hamjax.ops.segments import segment_index
-from oracles import masked_attention_reference, rel_rms, rope_reference
+from oracles import assert_close, masked_attention_reference, rel_rms, rope_reference, unit
 
 TOL = 1e-5  # relative RMS error allowed for float32 against the float64 oracle
 B, T, H, K, V = 2, 23, 3, 6, 5
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
-
-
-def assert_close(got, want, label, tol=TOL):
-    got = np.asarray(got, np.float64)
-    assert got.shape == np.shape(want), f"{label}: shape {got.shape} != {np.shape(want)}"
-    assert np.isfinite(got).all(), f"{label}: non-finite values"
-    err = rel_rms(got, want)
-    assert err <= tol, f"{label}: relative RMS error {err:.2e} > {tol:.0e}"
 
 
 # ------------------------------------------------------------------------------------------ attend

@@ -16,24 +16,12 @@ from hamjax import ops
 from hamjax.bench.common import count_every_buffer, loglog_slope
 from hamjax.ops import blockwise_attention as bw
 from hamjax.ops import kv_cache as kv
-from oracles import masked_attention_reference, masked_attention_reference_jax, rel_rms
+from oracles import assert_close, masked_attention_reference, masked_attention_reference_jax, rel_rms, unit
 
 TOL = 1e-5  # relative RMS error allowed for float32 against the float64 oracle
 B, T, H, K, V, S = 2, 37, 3, 6, 5, 29
 LOGIT_SCALE = np.array([2.0, 6.0, 12.0], np.float32)
 BLOCKS = [(1, 1), (4, 3), (7, 5), (16, 29), (64, 64)]  # short last blocks, one block, blocks of 1
-
-
-def assert_close(got, want, label, tol=TOL):
-    got = np.asarray(got, np.float64)
-    assert got.shape == np.shape(want), f"{label}: shape {got.shape} != {np.shape(want)}"
-    assert np.isfinite(got).all(), f"{label}: non-finite values"
-    err = rel_rms(got, want)
-    assert err <= tol, f"{label}: relative RMS error {err:.2e} > {tol:.0e}"
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
 
 
 def make_case(seed, layout):

@@ -113,6 +113,11 @@ class ModelConfig:
         return self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
 
     @property
+    def dtypes(self) -> dict:
+        """The modules' dtype and param_dtype arguments, as NumPy dtypes."""
+        return dict(dtype=jnp.dtype(self.dtype), param_dtype=jnp.dtype(self.param_dtype))
+
+    @property
     def threshold(self) -> ops.ThresholdConfig:
         return ops.ThresholdConfig(
             self.tau_init, self.kv_target, self.tau_lr, self.tau_freeze_steps, self.tau_per_head, self.tau_min,
@@ -136,7 +141,7 @@ class ModelStats(NamedTuple):
 
 def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     c = config
-    dtypes = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype))
+    dtypes = c.dtypes
     if kind == "ham":
         return HAM(
             c.d_model, c.heads, c.key_dim, c.value_dim, capacity=c.capacity, router=c.router,
@@ -160,10 +165,7 @@ class Block(nnx.Module):
         self.mixer_norm = RMSNorm(config.d_model, eps=config.norm_eps)
         self.mixer = make_mixer(kind, config, rngs)
         self.mlp_norm = RMSNorm(config.d_model, eps=config.norm_eps)
-        self.mlp = SwiGLU(
-            config.d_model, config.mlp_width, dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype),
-            rngs=rngs,
-        )
+        self.mlp = SwiGLU(config.d_model, config.mlp_width, rngs=rngs, **config.dtypes)
 
     def __call__(self, x, *, cache=None, segment_ids=None, valid=None, tau=None, evict=False):
         """Returns (x, the mixer's new cache (None for attention called without one), MixerStats).
@@ -203,10 +205,8 @@ class LanguageModel(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
         self.config = config
         std = config.d_model**-0.5  # tied head: logits of unit-RMS features start with unit scale
-        dtype, param_dtype = jnp.dtype(config.dtype), jnp.dtype(config.param_dtype)
         self.embed = nnx.Embed(
-            config.vocab_size, config.d_model, embedding_init=nnx.initializers.normal(std), dtype=dtype,
-            param_dtype=param_dtype, rngs=rngs,
+            config.vocab_size, config.d_model, embedding_init=nnx.initializers.normal(std), rngs=rngs, **config.dtypes
         )
         self.blocks = nnx.List([Block(kind, config, rngs=rngs) for kind in config.mixers])
         self.final_norm = RMSNorm(config.d_model, eps=config.norm_eps)
@@ -214,8 +214,8 @@ class LanguageModel(nnx.Module):
             None
             if config.tie_embeddings
             else nnx.Linear(
-                config.d_model, config.vocab_size, use_bias=False, dtype=jnp.float32, param_dtype=param_dtype,
-                rngs=rngs,
+                config.d_model, config.vocab_size, use_bias=False, dtype=jnp.float32,
+                param_dtype=config.dtypes["param_dtype"], rngs=rngs,
             )
         )
 
