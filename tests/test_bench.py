@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hamjax import ops
-from hamjax.bench import BENCHMARKS, ham_layer, memory, packed_step, train_step
+from hamjax.bench import BENCHMARKS, ham_layer, memory, packed_step, precision, train_step
 from hamjax.bench.common import count_every_buffer, memory_need, variant
 from hamjax.cli.main import main
 from hamjax.nn import ModelConfig
@@ -142,6 +142,22 @@ def test_memory(suite):
     assert all(set(s) == models for s in result["loglog_slope"].values())
     if jax.default_backend() == "cpu":
         assert "device_peak_bytes_in_use" not in short
+
+
+def test_precision(suite):
+    """bf16 beside fp32 for every model: each ratio is what its bytes say, bf16 needs less under both
+    measures, and the decode caches' bytes fall to about half (keys and values halve; each entry's
+    int32 position and HAM's float32 score stay)."""
+    rows = {row["model"]: row for row in suite[1]["results"]["precision"]["rows"]}
+    assert set(rows) == set(precision.QUICK_MODELS) and all(row["T"] == 128 for row in rows.values())
+    for row in rows.values():
+        compiled, saved = row["compiled_bytes"], row["saved_bytes"]
+        assert row["compiled_ratio"] == compiled["bfloat16"]["peak"] / compiled["float32"]["peak"] < 1
+        assert row["saved_ratio"] == saved["bfloat16"] / saved["float32"] < 1
+    assert {name for name, row in rows.items() if "kv_ratio" in row} == set(precision.DECODE_MODELS)
+    for name in precision.DECODE_MODELS:
+        assert rows[name]["kv_ratio"] == rows[name]["kv_bytes"]["bfloat16"] / rows[name]["kv_bytes"]["float32"]
+        assert 0.5 < rows[name]["kv_ratio"] < 0.6
 
 
 def test_packed_step(suite):

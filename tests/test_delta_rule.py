@@ -349,8 +349,14 @@ def test_unit_lower_inverse_and_its_backward_match_float64(n):
 
 @pytest.mark.parametrize("form", FORMS)
 def test_bf16_inputs_give_bf16_output_and_fp32_state_and_errors(form):
-    """State and gate math stay float32: state/errors match the oracle (on the bf16-rounded inputs)
-    at float32 tolerance; the output is that float32 result rounded once to bf16."""
+    """State and gate math stay float32. The recurrent and single-step forms compute in float32 throughout: its
+    state/errors match the oracle (on the bf16-rounded inputs) at float32 tolerance and its output
+    is that result rounded once to bf16. The chunked form also rounds the operands of its products
+    between chunks of tokens (the WY products, K K^T, the read-outs) to bf16 and accumulates in
+    float32, as fla's kernels do: each rounding adds a relative error of RMS u / sqrt(3) (u = 2^-8),
+    and a state passes through about three in sequence (the inverse and beta V into U, U - W S into
+    the state, that into the next chunk's read-out), with two operands each: sqrt(6) u / sqrt(3) =
+    1.4 u. Allowed: 2 u = 2^-7 (measured 2.3e-3 = 0.6 u)."""
     base, _ = case(seed=37, batch=2, steps=37, heads=3, dk=5, dv=7)
     inputs = {n: jnp.asarray(x, jnp.bfloat16) for n, x in base.items() if n != "initial_state"}
     inputs["initial_state"] = base["initial_state"]  # states are float32
@@ -359,10 +365,14 @@ def test_bf16_inputs_give_bf16_output_and_fp32_state_and_errors(form):
     result = run_form(form, inputs)
     chex.assert_type(result.output, jnp.bfloat16)
     chex.assert_type([result.state, result.errors], jnp.float32)
-    assert_matches(result, expected, f"{form} bf16", fields=("state", "errors"))
+    tol = 2**-7 if form == "chunk" else TOL
+    assert_matches(result, expected, f"{form} bf16", fields=("state", "errors"), tol=tol)
     # bf16 keeps 8 significant bits: round-to-nearest is within 2^-8 relative.
     output = np.asarray(result.output, np.float64)
-    chex.assert_trees_all_close(output, expected.output, rtol=2**-8, atol=1e-6)
+    if form != "chunk":
+        chex.assert_trees_all_close(output, expected.output, rtol=2**-8, atol=1e-6)
+    else:
+        assert rel_rms(output, expected.output) <= tol
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -23,6 +23,7 @@ import pytest
 from flax import nnx
 
 from hamjax import ops
+from hamjax.generate import cache_memory, kv_entry_bytes
 from hamjax.nn import LanguageModel, ModelConfig
 from hamjax.nn.model import MIXERS
 from oracles import rel_rms
@@ -74,19 +75,78 @@ def test_bf16_forward_of_every_block_kind_is_close_to_fp32(kind, router):
 
 
 def test_bf16_activations_between_blocks_and_float32_state():
-    """What bf16 changes and what it leaves: the residual stream is bfloat16; the RNN state, the KV
-    cache, the conv state and the routing scores stay float32, so a decode carries one cache type."""
+    """What bf16 changes and what it leaves: the residual stream and the KV cache's keys and values
+    (cache_dtype None follows dtype) are bfloat16; the RNN state, the conv state, the cached scores
+    and the routing scores stay float32; a decode step keeps every cache array's dtype."""
     model = LanguageModel(config("ham,gdn", "bfloat16"), rngs=nnx.Rngs(0))
     x = model.embed(tokens())
     assert x.dtype == jnp.bfloat16
     y, cache, stats = model.blocks[0](x)
     assert y.dtype == jnp.bfloat16 and stats.scores.dtype == jnp.float32
-    assert cache.ham.rnn.dtype == cache.ham.cache.keys.dtype == cache.conv.dtype == jnp.float32
+    assert cache.ham.cache.keys.dtype == cache.ham.cache.values.dtype == jnp.bfloat16
+    assert cache.ham.rnn.dtype == cache.ham.cache.scores.dtype == cache.conv.dtype == jnp.float32
     params = jax.tree.leaves(nnx.state(model, nnx.Param))
     assert all(p.dtype == jnp.float32 for p in params)
     empty = model.init_cache(2, T + 1)
     _, after, _ = model.extend(tokens()[:, :1], empty)
     assert jax.tree.map(lambda a: a.dtype, after) == jax.tree.map(lambda a: a.dtype, empty)
+
+
+@nnx.jit
+def extend(model, x, cache, taus):
+    return model.extend(x, cache, taus=taus)
+
+
+def test_bf16_kv_cache_holds_half_the_key_and_value_bytes():
+    """cache_dtype="bfloat16": HAM's and attention's caches hold keys and values in bf16, half the
+    bytes of float32 (each entry's int32 position and float32 score stay); the memory report and the
+    full-attention comparison use the dtype held; the logits stay within BF16_TOL of the fp32 cache's."""
+    models = {d: LanguageModel(config("ham,attention", "float32", cache_dtype=d), rngs=nnx.Rngs(0))
+              for d in ("float32", "bfloat16")}
+    x = tokens()
+    results = {d: extend(m, x, m.init_cache(2, T), None) for d, m in models.items()}
+    kv_bytes = {}
+    for d, (_, cache, _) in results.items():
+        ham, attention = cache.layers
+        arrays = (ham.ham.cache.keys, ham.ham.cache.values, attention.keys, attention.values)
+        assert {a.dtype for a in arrays} == {jnp.dtype(d)}
+        assert ham.ham.rnn.dtype == ham.ham.cache.scores.dtype == jnp.float32
+        kv_bytes[d] = sum(a.nbytes for a in arrays)
+        layers = cache_memory(models[d], cache, T)
+        assert [layer.dtype for layer in layers] == [d, d]
+        size = jnp.dtype(d).itemsize
+        assert layers[0].entry_bytes == kv_entry_bytes(16, 16, d) == 2 * 16 * size + 8
+        assert layers[1].full_attention_bytes == T * 2 * (2 * 16 * size + 4)
+    assert kv_bytes["bfloat16"] == kv_bytes["float32"] // 2
+    assert rel_rms(results["bfloat16"][0], results["float32"][0]) <= BF16_TOL
+
+
+@pytest.mark.parametrize("kind", MIXERS)
+def test_bf16_prefill_then_steps_equal_the_full_forward(kind):
+    """In bf16, a prefill of 9 tokens then one token at a time (the single-step forms, in float32
+    arithmetic on bf16 activations) against one pass (the chunked and blockwise forms): logits
+    within BF16_TOL, and HAM's admissions the same wherever the score is further from tau than the
+    rounding can move it (4 eps of the score; with tau in a wide gap, that is every token)."""
+    model = LanguageModel(config(kind, "bfloat16", capacity=12), rngs=nnx.Rngs(0))
+    x = tokens()[:1]
+    taus = scores = None
+    if kind == "ham":
+        first = model.blocks[0]
+        scores = np.asarray(first.mixer(first.mixer_norm(model.embed(x)))[2].scores)  # [B, T, H]
+        taus = jnp.full((1,), tau_in_gap(scores), jnp.float32)
+    full, _, full_stats = extend(model, x, model.init_cache(1, T), taus)
+    logits, cache, stats = extend(model, x[:, :9], model.init_cache(1, T), taus)
+    steps, admitted = [logits], [stats.admitted]
+    for t in range(9, T):
+        logits, cache, stats = extend(model, x[:, t : t + 1], cache, taus)
+        steps.append(logits)
+        admitted.append(stats.admitted)
+    assert rel_rms(jnp.concatenate(steps, axis=1), full) <= BF16_TOL
+    if kind == "ham":
+        clear = np.abs(scores - float(taus[0])) > BF16_TOL * np.abs(scores)
+        admitted, expected = np.asarray(jnp.concatenate(admitted, axis=2))[0], np.asarray(full_stats.admitted)[0]
+        assert clear.mean() > 0.9 and expected.any() and not expected.all()
+        np.testing.assert_array_equal(admitted[clear], expected[clear])
 
 
 @pytest.mark.parametrize("g, beta", [(-1e3, 0.5), (-1e-3, 1e-6), (-1e-3, 1.0 - 1e-3), (0.0, 1.0)])

@@ -477,6 +477,32 @@ def test_checkpoint_round_trip(tmp_path):
         assert_trees_equal(fresh, nnx.to_pure_dict(nnx.state(model)), "fresh")
 
 
+def test_checkpoints_keep_their_dtypes_and_refuse_another(tmp_path):
+    """A run with bfloat16 weights restores them as bfloat16, equal; restored into a float32 model
+    it raises naming the array and both dtypes (Orbax alone would cast silently). Resuming a run
+    folder under another dtype policy names the field."""
+    config = dataclasses.replace(preset("tiny"), run_dir=str(tmp_path / "run"))
+    bf16 = dataclasses.replace(config, model=dataclasses.replace(config.model, param_dtype="bfloat16"))
+    model, optimizer = build(bf16)
+    saver = Checkpoints(tmp_path / "checkpoints", async_save=False)
+    saver.save(1, model, optimizer, {"step": 1})
+    saver.close()
+    fresh_model, fresh_optimizer = build(dataclasses.replace(bf16, train=dataclasses.replace(bf16.train, seed=1)))
+    loader = Checkpoints(tmp_path / "checkpoints")
+    loader.restore(fresh_model, fresh_optimizer)
+    restored, saved = (nnx.to_pure_dict(nnx.state(m, nnx.Param)) for m in (fresh_model, model))
+    dtypes = lambda tree: jax.tree.map(lambda a: a.dtype, tree)
+    assert dtypes(restored) == dtypes(saved) and jnp.dtype(jnp.bfloat16) in jax.tree.leaves(dtypes(saved))
+    assert_trees_equal(restored, saved, "model")
+    with pytest.raises(ValueError, match=r"holds .*embed.* as bfloat16, but this model has it as float32"):
+        loader.restore(*build(config))
+    loader.close()
+    prepare_run_folder(bf16)
+    (pathlib.Path(bf16.run_dir) / "checkpoints" / "1").mkdir(parents=True)
+    with pytest.raises(ValueError, match=r"model.param_dtype: 'bfloat16' -> 'float32'"):
+        prepare_run_folder(config)
+
+
 def test_restore_without_checkpoint_raises(tmp_path):
     model, optimizer = build(preset("tiny"))
     checkpoints = Checkpoints(tmp_path / "empty")
@@ -550,14 +576,14 @@ def test_non_finite_gradient_is_not_called_a_good_checkpoint(tmp_path, monkeypat
     """A loss that is finite while its gradient is NaN (0 * sqrt at 0, a classic): the update of
     step 1 makes every parameter NaN, and step 2's loss is NaN. The checkpoint that NonFiniteLoss
     names as the last good one must restore with finite parameters."""
-    real_loss_sum = step_module._loss_sum
+    real_loss_sum = step_module.summed_loss
 
     def loss_sum_with_nan_gradient(model, rows, segment_ids):
         loss, stats = real_loss_sum(model, rows, segment_ids)
         scale = model.final_norm.scale[...]  # ones at initialisation: sqrt(|scale - 1|) = 0, d/dx = inf
         return loss + 0.0 * jnp.sum(jnp.sqrt(jnp.abs(scale - 1.0))), stats
 
-    monkeypatch.setattr(step_module, "_loss_sum", loss_sum_with_nan_gradient)
+    monkeypatch.setattr(step_module, "summed_loss", loss_sum_with_nan_gradient)
     # Compiled afresh: a step compiled by an earlier test for the same graph would skip the patch.
     monkeypatch.setattr(step_module, "_compiled_train", functools.lru_cache(step_module._compiled_train.__wrapped__))
     config = run_config(tmp_path / "run", "--save_every", "1")

@@ -7,11 +7,11 @@ import json
 import pathlib
 import time
 
-from hamjax.bench import decode, delta_rule, ham_layer, memory, packed_step, profile, train_step
+from hamjax.bench import decode, delta_rule, ham_layer, memory, packed_step, precision, profile, train_step
 
 BENCHMARKS = {
     "delta_rule": delta_rule, "ham_layer": ham_layer, "train_step": train_step, "profile": profile, "memory": memory,
-    "packed_step": packed_step, "decode": decode,
+    "packed_step": packed_step, "precision": precision, "decode": decode,
 }
 
 

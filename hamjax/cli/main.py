@@ -94,8 +94,8 @@ def _generate(args) -> int:
         print(f"\n--- prompt {row + 1} ({len(ids)} tokens) + {n} generated ---")
         print(prompt + tokenizer.decode(out.tokens[row, :n]))
         context = len(ids) + n  # every generated token is fed back
-        print(f"cache after {context} tokens (per layer; full attention: a layer of the same heads and "
-              f"sizes holding every token):")
+        print(f"cache after {context} tokens, keys and values in {model.config.kv_cache_dtype} (per layer; full "
+              f"attention: a layer of the same heads, sizes and dtype holding every token):")
         print(f"{'layer':>5} {'kind':>9} {'KV entries':>10} {'slots':>8} {'KV bytes held':>13} "
               f"{'allocated':>11} {'state bytes':>11} {'full attention':>14} {'held/full':>9}")
         for i, layer in enumerate(cache_memory(model, out.cache, context, row)):

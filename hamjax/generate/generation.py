@@ -71,7 +71,7 @@ class CachePolicy:
         n_ham = len(model.ham_layers)
         if n_ham == 0:
             raise ValueError("budget_bytes bounds the HAM layers' KV caches, and this model has no HAM layer")
-        per_slot = kv_entry_bytes(c.key_dim, c.value_dim)
+        per_slot = kv_entry_bytes(c.key_dim, c.value_dim, c.kv_cache_dtype)
         minimum = n_ham * c.heads * per_slot
         if self.budget_bytes < minimum:
             raise ValueError(

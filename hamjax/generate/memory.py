@@ -19,8 +19,9 @@ class LayerMemory(NamedTuple):
     """One layer's decode cache for one row: entries (KV entries held, summed over heads), slots
     (entries allocated, summed over heads), entry_bytes (bytes of one entry: key, value and bookkeeping), kv_bytes
     (allocated KV bytes = slots * entry_bytes), state_bytes (fixed-size RNN and conv state),
-    full_attention_bytes (the KV bytes of a full-attention layer with the same heads and key and
-    value sizes at this context: context * heads * ((K + V) * 4 + 4))."""
+    full_attention_bytes (the KV bytes of a full-attention layer with the same heads, key and
+    value sizes and cache dtype at this context: context * heads * ((K + V) * itemsize + 4)); dtype:
+    the dtype its keys and values are held in ("" for GDN, which holds none)."""
 
     kind: str
     entries: int
@@ -29,6 +30,7 @@ class LayerMemory(NamedTuple):
     kv_bytes: int
     state_bytes: int
     full_attention_bytes: int
+    dtype: str
 
     @property
     def used_bytes(self) -> int:
@@ -46,20 +48,20 @@ def _slot_arrays(kv) -> tuple:
     return tuple(a for a in kv if a.ndim >= 3)
 
 
-def kv_entry_bytes(key_dim: int, value_dim: int) -> int:
-    """Bytes of one HAM KV-cache entry (ops.KVCache: fp32 key and value, int32 position, fp32 score)."""
-    return _bytes(_slot_arrays(jax.eval_shape(lambda: ops.init_kv_cache(1, 1, 1, key_dim, value_dim))), 3)
+def kv_entry_bytes(key_dim: int, value_dim: int, dtype=jnp.float32) -> int:
+    """Bytes of one HAM KV-cache entry (ops.KVCache: key and value in `dtype`, int32 position, fp32 score)."""
+    return _bytes(_slot_arrays(jax.eval_shape(lambda: ops.init_kv_cache(1, 1, 1, key_dim, value_dim, dtype))), 3)
 
 
 def cache_memory(model: LanguageModel, cache: ModelCache, context: int, row: int = 0) -> list[LayerMemory]:
     """The memory of row `row` of `cache` (from model.init_cache / extend / generate) at `context`
     tokens seen, one LayerMemory per block."""
     c = model.config
-    full = context * c.heads * ((c.key_dim + c.value_dim) * 4 + POSITION_BYTES)
+    full = context * c.heads * ((c.key_dim + c.value_dim) * c.kv_cache_dtype.itemsize + POSITION_BYTES)
     layers = []
     for kind, layer in zip(c.mixers, cache.layers):
         if kind == "gdn":
-            layers.append(LayerMemory(kind, 0, 0, 0, 0, _bytes((layer.rnn, layer.conv), 1), full))
+            layers.append(LayerMemory(kind, 0, 0, 0, 0, _bytes((layer.rnn, layer.conv), 1), full, ""))
             continue
         if kind == "ham":
             kv, entries = layer.ham.cache, int(jnp.sum(layer.ham.cache.count[row]))
@@ -68,5 +70,5 @@ def cache_memory(model: LanguageModel, cache: ModelCache, context: int, row: int
             kv, entries, state = layer, int(jnp.sum(layer.occupied[row])), 0
         slots = kv.keys.shape[2] * c.heads
         entry = _bytes(_slot_arrays(kv), 3)
-        layers.append(LayerMemory(kind, entries, slots, entry, slots * entry, state, full))
+        layers.append(LayerMemory(kind, entries, slots, entry, slots * entry, state, full, str(kv.keys.dtype)))
     return layers

@@ -71,7 +71,8 @@ class Attention(nnx.Module):
     RoPE-rotated at their positions (base `rope_theta`; None: no RoPE). x [B, T, D] -> y [B, T, D].
 
     Parameters: q_proj, k_proj, v_proj [D, H head_dim], out_proj [H head_dim, D] (param_dtype), no
-    biases; projections in `dtype`, the softmax in float32.
+    biases; projections in `dtype`, the softmax in float32; the decode cache's keys and values in
+    `cache_dtype`.
     """
 
     def __init__(
@@ -84,6 +85,7 @@ class Attention(nnx.Module):
         rope_theta: float | None = 10000.0,
         dtype=None,
         param_dtype=jnp.float32,
+        cache_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         for name, value in (("d_model", d_model), ("heads", heads), ("head_dim", head_dim)):
@@ -95,7 +97,7 @@ class Attention(nnx.Module):
             if head_dim % 2:
                 raise ValueError(f"RoPE needs an even head_dim, got {head_dim} (or pass rope_theta=None)")
         self.d_model, self.heads, self.head_dim = d_model, heads, head_dim
-        self.window, self.rope_theta = window, rope_theta
+        self.window, self.rope_theta, self.cache_dtype = window, rope_theta, cache_dtype
         linear = functools.partial(nnx.Linear, use_bias=False, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.q_proj = linear(d_model, heads * head_dim)
         self.k_proj = linear(d_model, heads * head_dim)
@@ -108,7 +110,7 @@ class Attention(nnx.Module):
         (hamjax.nn.mixer's protocol) bounds nothing here."""
         check_cache_size(batch, max_len, capacity)
         slots = min(self.window or max_len, max_len)
-        keys = jnp.zeros((batch, self.heads, slots, self.head_dim), jnp.float32)
+        keys = jnp.zeros((batch, self.heads, slots, self.head_dim), self.cache_dtype)
         positions = jnp.full((batch, self.heads, slots), -1, jnp.int32)
         return AttentionCache(keys, keys, positions, jnp.zeros((batch,), jnp.int32))
 

@@ -52,21 +52,31 @@ def causal_conv(x, weight, state, *, segment_ids=None, valid=None):
 
 @jax.custom_jvp
 def masked_taps(inputs, weight, keep):
-    """sum_i weight[i] * inputs[:, i : i + T] where keep[i]: the convolution's core.
+    """sum_i weight[i] * inputs[:, i : i + T] where keep[i], summed in float32: the convolution's core.
 
-    inputs [B, T+W-1, C]; weight [W, C]; keep [W, B, T] bool. Returns [B, T, C]. Bilinear in
-    (inputs, weight), so its derivative is itself: a custom_jvp (forward mode works; reverse mode
-    transposes it).
+    inputs [B, T+W-1, C] (any float dtype); weight [W, C]; keep [W, B, T] bool. Returns [B, T, C]
+    float32. Bilinear in (inputs, weight), so its derivative is itself: a custom_jvp (forward mode
+    works; reverse mode transposes it) whose tangent is recomputed in the backward pass, so that
+    only the inputs, in their own dtype, are kept for it (not W masked float32 copies).
     """
     t = keep.shape[-1]
-    return sum(weight[i] * jnp.where(keep[i][..., None], inputs[:, i : i + t], 0.0) for i in range(weight.shape[0]))
+    f32 = jnp.float32
+    return sum(
+        weight[i].astype(f32) * jnp.where(keep[i][..., None], inputs[:, i : i + t].astype(f32), 0.0)
+        for i in range(weight.shape[0])
+    )
 
 
 @masked_taps.defjvp
 def _masked_taps_jvp(primals, tangents):
     inputs, weight, keep = primals
     d_inputs, d_weight, _ = tangents
-    return masked_taps(inputs, weight, keep), masked_taps(d_inputs, weight, keep) + masked_taps(inputs, d_weight, keep)
+    return masked_taps(inputs, weight, keep), _masked_taps_tangent(inputs, weight, keep, d_inputs, d_weight)
+
+
+@jax.checkpoint
+def _masked_taps_tangent(inputs, weight, keep, d_inputs, d_weight):
+    return masked_taps(d_inputs, weight, keep) + masked_taps(inputs, d_weight, keep)
 
 
 def causal_conv_step(x, weight, state, *, valid=None):
@@ -111,10 +121,10 @@ class ShortConv(nnx.Module):
         """x [B, T, C]; state [B, W-1, C]; segment_ids, valid [B, T]. Returns (y [B, T, C] in x's
         dtype, new state in the state's dtype). The taps are summed in float32 whatever x's dtype."""
         validation.check_shape("conv state", state, (x.shape[0], self.width - 1, self.channels), "[B, W-1, C]")
-        weight, x32 = self.weight[...].astype(jnp.float32), x.astype(jnp.float32)
+        weight = self.weight[...].astype(jnp.float32)
         if x.shape[1] == 1:
-            y, new_state = causal_conv_step(x32[:, 0], weight, state, valid=None if valid is None else valid[:, 0])
+            y, new_state = causal_conv_step(x[:, 0], weight, state, valid=None if valid is None else valid[:, 0])
             y = y[:, None]
         else:
-            y, new_state = causal_conv(x32, weight, state, segment_ids=segment_ids, valid=valid)
+            y, new_state = causal_conv(x, weight, state, segment_ids=segment_ids, valid=valid)
         return y.astype(x.dtype), new_state.astype(state.dtype)

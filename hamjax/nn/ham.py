@@ -63,7 +63,8 @@ class HAM(nnx.Module):
     entries' original positions (None: no RoPE); attention: "compacted" (blockwise over a buffer
     of the admitted tokens: work follows them, memory linear in T) or "dense" (the T x T
     reference); chunk_size: the delta rule's chunk; dtype / param_dtype: the projections' compute
-    and weight dtypes (routing, the recurrence and the softmax stay float32). gamma_h starts at 1.
+    and weight dtypes (routing, the recurrence and the softmax stay float32); cache_dtype: the KV
+    cache's keys and values (the buffer of admitted tokens in training too). gamma_h starts at 1.
     """
 
     def __init__(
@@ -85,6 +86,7 @@ class HAM(nnx.Module):
         norm_eps: float = 1e-5,
         dtype=None,
         param_dtype=jnp.float32,
+        cache_dtype=jnp.float32,
         rngs: nnx.Rngs,
     ):
         validation.check_positive_int("capacity", capacity)
@@ -98,6 +100,7 @@ class HAM(nnx.Module):
             if key_dim % 2:
                 raise ValueError(f"RoPE needs an even key_dim, got {key_dim} (or pass rope_theta=None)")
         self.capacity = capacity
+        self.cache_dtype = cache_dtype
         self.router = router
         self.rope_theta = rope_theta
         self.attention = attention
@@ -138,7 +141,7 @@ class HAM(nnx.Module):
         check_cache_size(batch, max_len, capacity)
         p = self.proj
         capacity = self.capacity if capacity is None else capacity
-        state = ops.init_ham_state(batch, p.heads, p.key_dim, p.value_dim, capacity)
+        state = ops.init_ham_state(batch, p.heads, p.key_dim, p.value_dim, capacity, self.cache_dtype)
         return HAMCache(state, p.conv.init_state(batch))
 
     def __call__(
@@ -202,6 +205,7 @@ class HAM(nnx.Module):
                 attention=self.attention,
                 method=method,
                 chunk_size=self.chunk_size,
+                cache_dtype=self.cache_dtype,
                 **common,
             )
         h = self.norm(out.o_rnn) + self.gamma[...][:, None] * self.attn_norm(out.o_attn)

@@ -38,8 +38,11 @@ class ModelConfig:
     mlp_hidden None: 8/3 d_model rounded up to a multiple of 32. ham_attention: "compacted"
     (blockwise over a buffer of the admitted tokens: the fastest, by `hamjax bench` packed_step)
     or "dense" (the T x T reference). dtype: the activations and matmul inputs ("float32" or
-    "bfloat16"); param_dtype: the weights' storage ("float32"); the precision policy in the README
-    says what stays float32 whatever dtype is (state, gates, routing, softmax, norms, logits, loss).
+    "bfloat16"); param_dtype: the weights' storage ("float32"); cache_dtype: the keys and values of
+    the HAM and attention KV caches, in training and decoding (None: dtype's; "bfloat16" halves
+    their bytes; `kv_cache_dtype` resolves it); the
+    precision policy in the README says what stays float32 whatever dtype is (state, gates,
+    routing, softmax, norms, logits, loss).
     """
 
     vocab_size: int = 256
@@ -69,6 +72,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     dtype: str = "float32"
     param_dtype: str = "float32"
+    cache_dtype: str | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "d_model", "n_layers", "heads", "key_dim", "value_dim", "window", "capacity",
@@ -82,6 +86,8 @@ class ModelConfig:
         validation.check_choice("router", self.router, ROUTERS)
         validation.check_choice("dtype", self.dtype, DTYPES)
         validation.check_choice("param_dtype", self.param_dtype, DTYPES)
+        if self.cache_dtype is not None:
+            validation.check_choice("cache_dtype", self.cache_dtype, DTYPES)
         validation.check_choice("ham_attention", self.ham_attention, ATTENTION_PATHS)
         for name in ("tau_init", "tau_lr", "tau_min", "tau_max"):
             validation.check_positive_float(name, getattr(self, name))
@@ -111,6 +117,11 @@ class ModelConfig:
     @property
     def mlp_width(self) -> int:
         return self.mlp_hidden or 32 * math.ceil(8 * self.d_model / 3 / 32)
+
+    @property
+    def kv_cache_dtype(self) -> np.dtype:
+        """The KV caches' key and value dtype: cache_dtype, or dtype where that is None."""
+        return jnp.dtype(self.cache_dtype or self.dtype)
 
     @property
     def dtypes(self) -> dict:
@@ -146,7 +157,7 @@ def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         return HAM(
             c.d_model, c.heads, c.key_dim, c.value_dim, capacity=c.capacity, router=c.router,
             threshold=c.threshold, rope_theta=c.rope_theta, attention=c.ham_attention, conv_width=c.conv_width,
-            chunk_size=c.chunk_size, norm_eps=c.norm_eps, rngs=rngs, **dtypes,
+            chunk_size=c.chunk_size, norm_eps=c.norm_eps, cache_dtype=c.kv_cache_dtype, rngs=rngs, **dtypes,
         )
     if kind == "gdn":
         return GatedDeltaNet(
@@ -154,7 +165,10 @@ def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
             norm_eps=c.norm_eps, rngs=rngs, **dtypes,
         )
     window = c.window if kind == "swa" else None
-    return Attention(c.d_model, c.heads, c.key_dim, window=window, rope_theta=c.rope_theta, rngs=rngs, **dtypes)
+    return Attention(
+        c.d_model, c.heads, c.key_dim, window=window, rope_theta=c.rope_theta, cache_dtype=c.kv_cache_dtype,
+        rngs=rngs, **dtypes,
+    )
 
 
 class Block(nnx.Module):

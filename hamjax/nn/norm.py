@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -19,6 +21,13 @@ class RMSNorm(nnx.Module):
         self.scale = NoWeightDecay(jnp.ones((dim,), jnp.float32))
 
     def __call__(self, x):
-        x32 = jnp.asarray(x, jnp.float32)
-        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps) * self.scale[...]
-        return y.astype(jnp.result_type(x))
+        return rms_normalize(x, self.scale[...], self.eps)
+
+
+@functools.partial(jax.checkpoint, static_argnums=(2,))
+def rms_normalize(x, scale, eps: float):
+    """x [..., N] * scale [N] / sqrt(mean(x^2) + eps), computed in float32 and returned in x's dtype.
+    Recomputed in the backward pass (jax.checkpoint), so only x is kept for it, in its own dtype."""
+    x32 = jnp.asarray(x, jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps) * scale
+    return y.astype(jnp.result_type(x))

@@ -40,7 +40,8 @@ class DeltaProjections(nnx.Module):
     Parameters: qkv_proj [D, H(2K + V)] (columns q | k | v), conv (depthwise, width W, over those
     columns), gate_proj [D, H(V + 2)] (columns z | b | a), A_log and dt_bias [H] (NoWeightDecay),
     out_proj [HV, D]. No biases. The projections and the conv run in `dtype` with weights of
-    `param_dtype` (A_log and dt_bias stay float32, as do the gates, q, k and the output gate's read).
+    `param_dtype` (A_log and dt_bias stay float32, as do the gates; q and k are normalised in float32
+    and returned in `dtype`).
     """
 
     def __init__(
@@ -85,10 +86,19 @@ class DeltaProjections(nnx.Module):
     def output(self, h, z):
         """h, z [B, T, H, V] -> y = W_o[h * SiLU(z)] [B, T, D]."""
         batch, t = h.shape[:2]
-        return self.out_proj((h * jax.nn.silu(z.astype(jnp.float32))).reshape(batch, t, -1))
+        return self.out_proj(_gate(h, z).reshape(batch, t, -1))
 
 
-def _l2_normalize(x, eps: float = 1e-6):
-    """x / sqrt(sum(x^2) + eps) over the last axis, in float32 (fla's l2norm)."""
-    x = jnp.asarray(x, jnp.float32)
-    return x * jax.lax.rsqrt(jnp.sum(x * x, axis=-1, keepdims=True) + eps)
+@jax.checkpoint
+def _gate(h, z):
+    """h * SiLU(z), computed in float32 and returned in z's dtype; recomputed in the backward pass,
+    which keeps only h and z."""
+    return (h * jax.nn.silu(z.astype(jnp.float32))).astype(z.dtype)
+
+
+@jax.checkpoint
+def _l2_normalize(x):
+    """x / sqrt(sum(x^2) + 1e-6) over the last axis (fla's l2norm), computed in float32 and returned
+    in x's dtype; recomputed in the backward pass, which keeps only x."""
+    x32 = jnp.asarray(x, jnp.float32)
+    return (x32 * jax.lax.rsqrt(jnp.sum(x32 * x32, axis=-1, keepdims=True) + 1e-6)).astype(x.dtype)

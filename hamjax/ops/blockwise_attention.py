@@ -52,7 +52,9 @@ def blockwise_attend(
 
     q [B, T, H, K]; q_positions [B, T]; keys [B, H, S, K]; values [B, H, S, V]; key_positions,
     key_valid [B, H, S]; logit_scale [H]; q_segments [B, T]; key_segments [B, H, S];
-    key_log_weights [B, H, S]. Returns [B, T, H, V] float32.
+    key_log_weights [B, H, S]. Returns [B, T, H, V] float32. q, keys and values enter the products
+    in their own dtypes (bfloat16 halves what the backward keeps of them), every product
+    accumulating in float32; logits, softmax weights and statistics and the output are float32.
     """
     query_block = QUERY_BLOCK if query_block is None else query_block
     key_block = KEY_BLOCK if key_block is None else key_block
@@ -76,7 +78,7 @@ def blockwise_attend(
     pad_q = lambda x, mode: jnp.pad(x, [(0, 0), (0, n_q * bq - t)] + [(0, 0)] * (x.ndim - 2), mode=mode)
     q_blocks = lambda x: jnp.moveaxis(x.reshape((batch, n_q, bq) + x.shape[2:]), 1, 0)
     q_side = (
-        q_blocks(pad_q(jnp.asarray(q, jnp.float32), "constant")),
+        q_blocks(pad_q(jnp.asarray(q), "constant")),
         q_blocks(pad_q(jnp.asarray(q_positions, jnp.int32), "edge")),
         q_blocks(pad_q(q_segments, "edge")),
     )
@@ -86,8 +88,8 @@ def blockwise_attend(
     k_side = tuple(
         k_blocks(pad_k(x))
         for x in (
-            jnp.asarray(keys, jnp.float32),
-            jnp.asarray(values, jnp.float32),
+            jnp.asarray(keys),
+            jnp.asarray(values),
             jnp.asarray(key_positions, jnp.int32),
             jnp.asarray(key_valid, bool),
             key_segments,
@@ -112,12 +114,18 @@ def blockwise_attend(
 def _logits(q_i, k_j, log_w, scale, q_pos, q_seg, k_pos, k_valid, k_seg, masked, window, learned):
     """One block's raw scores q . k [B, H, bq, bk], logits (-inf where masked) and mask (None for
     a FULL block, which needs none)."""
-    raw = jnp.einsum("bthk,bhsk->bhts", q_i, k_j)
+    raw = _product("bthk,bhsk->bhts", q_i, k_j)
     logits = raw * scale[:, None, None] + (log_w[:, :, None, :] if learned else 0.0)
     if not masked:
         return raw, logits, None
     mask = key_mask(q_pos, k_pos, k_valid, q_seg, k_seg, window)
     return raw, jnp.where(mask, logits, -jnp.inf), mask
+
+
+def _product(subscripts: str, a, b):
+    """einsum of a and b in their promoted dtype (bf16 only when both are), accumulated and
+    returned in float32."""
+    return jnp.einsum(subscripts, a, b, preferred_element_type=jnp.float32)
 
 
 def _by_kind(read):
@@ -151,7 +159,7 @@ def _forward(q, keys, values, log_w, scale, q_pos, q_seg, k_pos, k_valid, k_seg,
             weights = jnp.exp(logits - base[..., None])
             weights = jnp.where(mask, weights, 0.0) if masked else weights
             rescale = jnp.exp(peak - base)  # 0 while nothing was seen (peak = -inf)
-            acc = acc * rescale[..., None] + jnp.einsum("bhts,bhsv->bhtv", weights, v_j)
+            acc = acc * rescale[..., None] + _product("bhts,bhsv->bhtv", weights, v_j)
             return new_peak, total * rescale + jnp.sum(weights, axis=-1), acc
 
         batch, bq, heads = q_i.shape[:3]
@@ -194,11 +202,11 @@ def _attend_blocks_jvp(window, learned, primals, tangents):
             )
             weights = jnp.exp(logits - shift[..., None]) * inverse[..., None]
             weights = jnp.where(mask, weights, 0.0) if masked else weights
-            d_raw = jnp.einsum("bthk,bhsk->bhts", dq_i, k_j) + jnp.einsum("bthk,bhsk->bhts", q_i, dk_j)
+            d_raw = _product("bthk,bhsk->bhts", dq_i, k_j) + _product("bthk,bhsk->bhts", q_i, dk_j)
             d_logits = d_raw * scale[:, None, None] + raw * dscale[:, None, None]
             d_logits = d_logits + dlog_w_j[:, :, None, :] if learned else d_logits
             weighted = weights * d_logits
-            acc = acc + jnp.einsum("bhts,bhsv->bhtv", weighted, v_j) + jnp.einsum("bhts,bhsv->bhtv", weights, dv_j)
+            acc = acc + _product("bhts,bhsv->bhtv", weighted, v_j) + _product("bhts,bhsv->bhtv", weights, dv_j)
             return acc, delta + jnp.sum(weighted, axis=-1)
 
         batch, bq, heads = q_i.shape[:3]

@@ -10,11 +10,13 @@ g (log decay, <= 0) and beta [B, T, H]; state [B, H, K, V]. Per head and token:
 
 All state and gate math runs in float32; outputs come back in the inputs' dtype, errors and states in
 float32. The chunked form is the WY/UT algorithm (fla's naive chunk) and equals the recurrent form to
-float32 rounding.
+float32 rounding; with bfloat16 inputs its products between chunks of tokens take bf16 operands
+(accumulating in float32), as fla's kernels do, and the recurrent form stays float32 throughout.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -98,7 +100,7 @@ def gated_delta_rule_with_errors(
     dv = v.shape[-1]
     out_dtype = jnp.result_type(q, k, v) if output_dtype is None else output_dtype
     scale = dk**-0.5 if scale is None else scale
-    f32 = [jnp.asarray(x, jnp.float32) for x in (q, k, v, g, beta)]
+    g, beta = (jnp.asarray(x, jnp.float32) for x in (g, beta))
     state = (
         jnp.zeros((batch, heads, dk, dv), jnp.float32)
         if initial_state is None
@@ -108,9 +110,9 @@ def gated_delta_rule_with_errors(
         jnp.zeros((batch, q.shape[1]), bool) if segment_ids is None else segment_starts(segment_ids)
     )
     if method == "recurrent":
-        o, state, e = _recurrent(*f32, scale, state, starts)
+        o, state, e = _recurrent(*(jnp.asarray(x, jnp.float32) for x in (q, k, v)), g, beta, scale, state, starts)
     else:
-        o, state, e = _chunked(*f32, scale, state, starts, chunk_size)
+        o, state, e = _chunked(q, k, v, g, beta, scale, state, starts, chunk_size)
     return DeltaRuleResult(o.astype(out_dtype), state, e)
 
 
@@ -170,7 +172,13 @@ def _from_chunks(x, t: int):
 
 
 def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
-    """Chunked WY/UT form (fla's naive chunk algorithm); inputs fp32 in [B, T, ...] layout.
+    """Chunked WY/UT form (fla's naive chunk algorithm); inputs in [B, T, ...] layout, g and beta
+    float32, q, k and v in their own dtype.
+
+    The products between chunks of tokens (K K^T, Q K^T, the WY products and the read-outs) take
+    their operands rounded to q, k and v's dtype (bfloat16 halves what the backward pass keeps of
+    them) and accumulate in float32; the decays, the triangular inverse and the state carried
+    between chunks are float32 throughout.
 
     starts [B, T] bool marks tokens whose state is reset to zero before they are read.
     Padding tokens have k = v = 0, g = beta = 0, so they leave the state untouched.
@@ -180,8 +188,11 @@ def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
     a difference of running totals, which would cancel catastrophically after a very negative g.
     """
     t, heads = q.shape[1], q.shape[2]
+    operand_dtype = jnp.result_type(q, k, v)
+    q = jnp.asarray(q, jnp.float32) * scale
     starts = jnp.broadcast_to(starts[:, :, None], starts.shape + (heads,))
-    q, k, v, g, beta, starts = (_to_chunks(x, chunk_size) for x in (q * scale, k, v, g, beta, starts))
+    q, k, v = (x.astype(operand_dtype) for x in (q, k, v))
+    q, k, v, g, beta, starts = (_to_chunks(x, chunk_size) for x in (q, k, v, g, beta, starts))
     segment = jnp.cumsum(starts, axis=-1)  # [B, H, N, C] segment index within the chunk
     from_start = segment == 0  # tokens that still see the state carried into the chunk
     to_end = segment == segment[..., -1:]  # tokens whose writes reach the state leaving the chunk
@@ -191,13 +202,15 @@ def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
     # log Gamma_ij = sum_{j < l <= i} g_l: a cumulative sum down the rows of g_l placed where l > j.
     log_decay = jnp.cumsum(jnp.where(strict, g[..., :, None], 0.0), axis=-2)
     decay = jnp.where(causal & same, jnp.exp(log_decay), 0.0)  # Gamma_ij (i >= j, same segment)
-    kk_strict = jnp.where(strict, jnp.einsum("...ik,...jk->...ij", k, k) * decay, 0.0)
-    qk = jnp.einsum("...ik,...jk->...ij", q, k) * decay
+    mm = functools.partial(_matmul, operand_dtype=operand_dtype)
+    k_t = jnp.swapaxes(k, -1, -2)
+    kk_strict = jnp.where(strict, mm(k, k_t) * decay, 0.0)
+    qk = mm(q, k_t) * decay
     e_gamma = jnp.where(from_start, jnp.exp(jnp.cumsum(g, axis=-1)), 0.0)[..., None]
     # [U W] = (I + StrictLower(beta K K^T Gamma))^-1 [beta V, beta K e^gamma]
     t_inv = unit_lower_inverse(beta[..., :, None] * kk_strict)
-    u = t_inv @ (beta[..., None] * v)
-    w = t_inv @ (beta[..., None] * k * e_gamma)
+    u = mm(t_inv, beta[..., None] * v)
+    w = mm(t_inv, beta[..., None] * k * e_gamma)
     g_from = jnp.cumsum(g[..., ::-1], axis=-1)[..., ::-1]  # sum_{l >= j} g_l
     g_after = jnp.concatenate([g_from[..., 1:], jnp.zeros_like(g_from[..., :1])], axis=-1)  # l > j
     k_to_end = k * jnp.where(to_end, jnp.exp(g_after), 0.0)[..., None]
@@ -222,9 +235,14 @@ def _chunked(q, k, v, g, beta, scale, state, starts, chunk_size: int):
     else:
         state, (chunk_states, delta) = jax.lax.scan(body, state, tuple(jnp.moveaxis(x, 2, 0) for x in xs))
         chunk_states, delta = jnp.moveaxis(chunk_states, 0, 2), jnp.moveaxis(delta, 0, 2)
-    o = jnp.einsum("...ck,...kv->...cv", q * e_gamma, chunk_states) + qk @ delta
-    e = v - jnp.einsum("...ck,...kv->...cv", k * e_gamma, chunk_states) - kk_strict @ delta
+    o = mm(q * e_gamma, chunk_states) + mm(qk, delta)
+    e = v - mm(k * e_gamma, chunk_states) - mm(kk_strict, delta)
     return _from_chunks(o, t), state, _from_chunks(e, t)
+
+
+def _matmul(a, b, operand_dtype):
+    """a @ b with both operands rounded to operand_dtype, accumulated and returned in float32."""
+    return jnp.matmul(a.astype(operand_dtype), b.astype(operand_dtype), preferred_element_type=jnp.float32)
 
 
 @jax.custom_jvp

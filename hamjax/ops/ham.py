@@ -49,10 +49,13 @@ class HamOutput(NamedTuple):
     kv_fraction_per_head: jax.Array
 
 
-def init_ham_state(batch: int, heads: int, key_dim: int, value_dim: int, capacity: int) -> HamState:
+def init_ham_state(
+    batch: int, heads: int, key_dim: int, value_dim: int, capacity: int, cache_dtype=jnp.float32
+) -> HamState:
+    """Zero RNN state (float32), an empty KV cache whose keys and values are cache_dtype, position 0."""
     return HamState(
         rnn=jnp.zeros((batch, heads, key_dim, value_dim), jnp.float32),
-        cache=kv.init_kv_cache(batch, heads, capacity, key_dim, value_dim),
+        cache=kv.init_kv_cache(batch, heads, capacity, key_dim, value_dim, cache_dtype),
         position=jnp.zeros((batch,), jnp.int32),
     )
 
@@ -75,6 +78,7 @@ def ham_sequence(
     attention: str = "compacted",
     method: str = "chunk",
     chunk_size: int = 64,
+    cache_dtype=jnp.float32,
 ) -> HamOutput:
     """A HAM layer's core over a sequence, in parallel form.
 
@@ -84,7 +88,9 @@ def ham_sequence(
     `init_ham_state` cache would pay for); tau a scalar or [H]; logit_scale [H]; router_scores
     [B, T, H] in (0, 1] for the learned router (None: surprise router); valid [B, T] (False =
     padding: no RNN update, never admitted); segment_ids [B, T] (packed sequences: a new segment
-    resets the RNN state and empties the cache).
+    resets the RNN state and empties the cache). cache_dtype: the keys and values of the cache
+    started when state is None (else the state's own); attention reads every key and value
+    rounded to the cache's dtype, as a decode that stores them first does.
 
     attention="dense" is the T x T reference; "compacted" gathers the cache's entries and the
     admitted tokens of every segment, in position order, into a buffer with room for all of them
@@ -99,7 +105,7 @@ def ham_sequence(
             raise ValueError("ham_sequence needs the cache capacity when state is None")
         validation.check_positive_int("capacity", capacity)
         validation.check_rank("q", q, 4, "[B, T, H, K]")
-        state = init_ham_state(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], capacity)
+        state = init_ham_state(q.shape[0], q.shape[2], q.shape[3], v.shape[-1], capacity, cache_dtype)
     elif capacity is not None and capacity != state.cache.capacity:
         raise ValueError(f"capacity {capacity} differs from the state's cache capacity {state.cache.capacity}")
     _check_sequence_args(q, v, state, tau, logit_scale, router_scores, valid, attention)
@@ -111,7 +117,10 @@ def ham_sequence(
     )
     rope_positions = positions[:1] if fresh else positions  # from an empty start every row has 0..T-1
     q_rot, k_rot = (x if rope_theta is None else apply_rope(x, rope_positions, rope_theta) for x in (q, k))
-    tokens = _Tokens(k_rot, v, positions, scores, admitted, _segment_index(segment_ids, batch, t))
+    stored = state.cache.keys.dtype, state.cache.values.dtype
+    tokens = _Tokens(
+        k_rot.astype(stored[0]), v.astype(stored[1]), positions, scores, admitted, _segment_index(segment_ids, batch, t)
+    )
     cache, learned = None if fresh else state.cache, router_scores is not None
     if attention == "dense":
         o_attn = _attend_dense(q_rot, tokens, cache, logit_scale, learned)
@@ -181,7 +190,7 @@ def _attend_compacted(q, tokens: _Tokens, cache: kv.KVCache | None, start, logit
     start [B]: the position of the call's first token."""
     batch, _, heads, dk = q.shape
     if cache is None:
-        buffer = kv.init_kv_cache(batch, heads, size, dk, tokens.values.shape[-1])
+        buffer = kv.init_kv_cache(batch, heads, size, dk, tokens.values.shape[-1], tokens.keys.dtype)
     else:
         buffer = kv.resize(cache, size)
     buffer = kv.append_tokens(buffer, tokens.keys, tokens.values, tokens.positions, tokens.scores, tokens.admitted)

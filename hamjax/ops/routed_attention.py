@@ -43,8 +43,9 @@ def dense_routed_attention(
     key_log_weights = None if log_weights is None else to_heads(log_weights)
     if cache is not None:
         cat = lambda old, new: jnp.concatenate([old, new], axis=2)
-        keys = cat(cache.keys.astype(jnp.float32), keys.astype(jnp.float32))
-        values = cat(cache.values.astype(jnp.float32), values.astype(jnp.float32))
+        stored = jnp.promote_types(cache.keys.dtype, keys.dtype)  # float32 unless both are bf16
+        keys = cat(cache.keys.astype(stored), keys.astype(stored))
+        values = cat(cache.values.astype(stored), values.astype(stored))
         key_positions = cat(cache.positions, key_positions)
         key_valid = cat(cache.occupied, key_valid)
         key_segments = cat(jnp.zeros_like(cache.positions), key_segments)

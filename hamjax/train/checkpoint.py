@@ -21,7 +21,8 @@ class Checkpoints:
     def __init__(self, directory: str | pathlib.Path, *, keep: int = 3, async_save: bool = True):
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
         self.directory = pathlib.Path(directory).absolute()
-        self.manager = ocp.CheckpointManager(self.directory, options=options)
+        handlers = {"state": ocp.StandardCheckpointHandler(), "record": ocp.JsonCheckpointHandler()}
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
     def latest_step(self) -> int | None:
         """The last complete checkpoint's step (None: none yet)."""
@@ -41,6 +42,7 @@ class Checkpoints:
         if step is None or step not in self.manager.all_steps():
             raise FileNotFoundError(f"no checkpoint at step {step} in {self.directory}")
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, _pure_state(model, optimizer))
+        self._check_dtypes(step, abstract)
         args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), record=ocp.args.JsonRestore())
         try:
             restored = self.manager.restore(step, args=args)
@@ -55,6 +57,21 @@ class Checkpoints:
             nnx.replace_by_pure_dict(state, restored["state"][name])
             nnx.update(obj, state)
         return dict(restored["record"])
+
+    def _check_dtypes(self, step: int, abstract: dict) -> None:
+        """ValueError naming the first array that checkpoint `step` holds in another dtype than the
+        model and optimizer it is restored into (Orbax would cast it silently: a run saved under one
+        dtype policy resumes only under the same one)."""
+        stored = self.manager.item_metadata(step)["state"]
+        held = {jax.tree_util.keystr(path): leaf.dtype for path, leaf in jax.tree_util.tree_leaves_with_path(stored)}
+        for path, leaf in jax.tree_util.tree_leaves_with_path(abstract):
+            saved = held.get(jax.tree_util.keystr(path))
+            if saved is not None and saved != leaf.dtype:
+                raise ValueError(
+                    f"checkpoint {step} in {self.directory} holds {jax.tree_util.keystr(path)} as {saved}, but "
+                    f"this model has it as {leaf.dtype}: build the model with the dtypes the run was saved with "
+                    "(its config.json's param_dtype)"
+                )
 
     def wait(self) -> None:
         """Block until background saves are written."""

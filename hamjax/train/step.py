@@ -36,7 +36,7 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
     return loss_nats / math.log(2.0) / bytes_per_token
 
 
-def _loss_sum(model: LanguageModel, rows, segment_ids, valid=None):
+def summed_loss(model: LanguageModel, rows, segment_ids, valid=None):
     """rows, segment_ids [B, T + 1]; valid [B, T] bool (False = padding; None: all valid) -> (summed
     loss over the valid scored targets, ModelStats)."""
     logits, stats = model(rows[:, :-1], segment_ids=segment_ids[:, :-1], valid=valid)
@@ -60,7 +60,7 @@ def _train_update(model: LanguageModel, optimizer: nnx.Optimizer, rows, segment_
 
     def micro_step(grads, batch):
         def loss(params):
-            loss_sum, stats = _loss_sum(nnx.merge(graphdef, params, rest), *batch)
+            loss_sum, stats = summed_loss(nnx.merge(graphdef, params, rest), *batch)
             return loss_sum * scale, stats
 
         (loss_value, stats), micro_grads = jax.value_and_grad(loss, has_aux=True)(params)
@@ -94,7 +94,7 @@ def _eval_sums(model: LanguageModel, rows, segment_ids, valid_rows=None):
     nothing; None: every row counts) -> (summed loss, scored targets, kv_fraction [L_ham] over the
     valid rows)."""
     valid = None if valid_rows is None else jnp.broadcast_to(valid_rows, (rows.shape[0], rows.shape[1] - 1))
-    loss_sum, stats = _loss_sum(model, rows, segment_ids, valid)
+    loss_sum, stats = summed_loss(model, rows, segment_ids, valid)
     return loss_sum, jnp.sum(_scored(segment_ids, valid)), stats.kv_fraction
 
 
