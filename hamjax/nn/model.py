@@ -40,9 +40,8 @@ class ModelConfig:
     or "dense" (the T x T reference). dtype: the activations and matmul inputs ("float32" or
     "bfloat16"); param_dtype: the weights' storage ("float32"); cache_dtype: the keys and values of
     the HAM and attention KV caches, in training and decoding (None: dtype's; "bfloat16" halves
-    their bytes; `kv_cache_dtype` resolves it); the
-    precision policy in the README says what stays float32 whatever dtype is (state, gates,
-    routing, softmax, norms, logits, loss).
+    their bytes; `kv_cache_dtype` resolves it). The precision policy in the README says what stays
+    float32 whatever dtype is (state, gates, routing, softmax, norms, logits, loss).
     """
 
     vocab_size: int = 256
