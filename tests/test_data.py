@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from hamjax import data
-from hamjax.data import PackedRows
+from hamjax.data import PackedRows, recall_hits, target_mask
 
 # ------------------------------------------------------------------------------------ tokenizers
 
@@ -112,6 +112,44 @@ def test_target_mask_never_crosses_a_document_boundary():
     starts[[3, 4, 8, 10]] = True
     expected = ~starts.reshape(-1, 4)[:, 1:]
     np.testing.assert_array_equal(data.target_mask(packed.segment_ids), expected)
+
+
+# ---------------------------------------------------------------------------------- recall hits
+
+
+def recall_hits_by_brute_force(rows, segment_ids, n):
+    """Target j is a hit iff it is scored, its n context tokens are in its document, and some earlier
+    j' < j has the same n tokens ending at it, all in that document: loops over every pair."""
+    hits = np.zeros((rows.shape[0], rows.shape[1] - 1), bool)
+    for r in range(rows.shape[0]):
+        doc = segment_ids[r]
+        whole = lambda j: j >= n - 1 and all(doc[j - i] == doc[j + 1] for i in range(n))
+        for j in range(rows.shape[1] - 1):
+            if not whole(j):
+                continue
+            gram = list(rows[r, j - n + 1 : j + 1])
+            hits[r, j] = any(whole(e) and doc[e] == doc[j] and list(rows[r, e - n + 1 : e + 1]) == gram for e in range(j))
+    return hits
+
+
+@pytest.mark.parametrize("n", [1, 2, 3])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_recall_hits_match_brute_force(n, seed):
+    """Small vocabularies repeat n-grams often; several documents per row, one row without a boundary."""
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, 4, size=(5, 40))
+    segment_ids = np.cumsum(rng.random((5, 40)) < 0.08, axis=1)
+    segment_ids[0] = 0
+    hits = recall_hits(rows, segment_ids, n)
+    np.testing.assert_array_equal(hits, recall_hits_by_brute_force(rows, segment_ids, n))
+    assert hits.any() and not hits.all() and not (hits & ~target_mask(segment_ids)).any()
+
+
+def test_recall_hits_reject_bad_arguments():
+    with pytest.raises(ValueError, match="n must be a positive int"):
+        recall_hits(np.zeros((1, 5), int), np.zeros((1, 5), int), 0)
+    with pytest.raises(ValueError, match=r"\[N, L\], got \(1, 5\) and \(1, 4\)"):
+        recall_hits(np.zeros((1, 5), int), np.zeros((1, 4), int), 2)
 
 
 # ------------------------------------------------------------------------------------------ split

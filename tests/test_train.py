@@ -34,7 +34,7 @@ from flax import nnx
 
 from hamjax.cli.flags import config_from_flags
 from hamjax.cli.main import build_parser, main
-from hamjax.data import PackedRows, batch_at, target_mask
+from hamjax.data import PackedRows, batch_at, recall_hits, target_mask
 from hamjax.nn.model import LanguageModel
 from hamjax.train import (
     Checkpoints,
@@ -217,6 +217,17 @@ def test_eval_command_matches_final_validation(ref_run, capsys):
     assert result["bpb"] == pytest.approx(summary.validation.bpb, rel=1e-9, abs=0)
     assert result["loss"] == pytest.approx(summary.validation.loss, rel=1e-9, abs=0)
     np.testing.assert_allclose(result["kv_fraction"], summary.validation.kv_fraction, rtol=1e-9)
+
+
+def test_eval_command_splits_recall_hits(ref_run, capsys):
+    """hamjax eval --recall_ngram 2: the hits' and the rest's bits per byte, and their token counts
+    that add up to the whole's."""
+    run_dir, summary = ref_run
+    assert main(["eval", "--run_dir", str(run_dir), "--recall_ngram", "2"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["bpb"] == pytest.approx(summary.validation.bpb, rel=1e-9, abs=0)
+    assert 0 < result["hit_tokens"] < result["tokens"] == result["hit_tokens"] + result["other_tokens"]
+    assert result["hit_bpb"] > 0 and result["other_bpb"] > 0
 
 
 def test_rerunning_a_finished_run_trains_nothing(ref_run):
@@ -415,11 +426,29 @@ def test_evaluation_compiles_once_for_a_short_last_batch(short_last_batch):
     assert traces == 1
 
 
+def test_evaluation_splits_the_loss_into_recall_hits_and_the_rest(short_last_batch):
+    """With recall_ngram, the hits' and the rest's tokens add up to all scored targets and their
+    bits per byte recombine to the whole's; the hits' loss equals the mean per-target loss over
+    data.recall_hits, computed from the logits of one unpadded pass (padding changes nothing)."""
+    evaluation, _, steps, rows, bytes_per_token = short_last_batch
+    split = loop.evaluate(steps, rows, bytes_per_token, EVAL_BATCH, recall_ngram=2)
+    assert split[:4] == evaluation[:4] and evaluation.hit_bpb is None
+    assert 0 < split.hit_tokens < split.tokens and split.hit_tokens + split.other_tokens == split.tokens
+    recombined = (split.hit_bpb * split.hit_tokens + split.other_bpb * split.other_tokens) / split.tokens
+    assert recombined == pytest.approx(split.bpb, rel=1e-5)
+    model, _ = steps.objects
+    logits, _ = model(jnp.asarray(rows.tokens[:, :-1]), segment_ids=jnp.asarray(rows.segment_ids[:, :-1]))
+    losses = np.asarray(optax.softmax_cross_entropy_with_integer_labels(logits, rows.tokens[:, 1:]))
+    hits = recall_hits(rows.tokens, rows.segment_ids, 2)
+    assert split.hit_tokens == hits.sum()
+    assert split.hit_bpb == pytest.approx(bits_per_byte(losses[hits].mean(), bytes_per_token), rel=1e-5)
+
+
 def test_padding_rows_count_for_nothing(short_last_batch):
     """The padded evaluation equals one unpadded batch of all the rows: loss, bits per byte, scored
     targets and KV fraction (row-weighted over batches = over all the rows' tokens)."""
     evaluation, _, steps, rows, bytes_per_token = short_last_batch
-    loss_sum, tokens, kv = steps.evaluate(*batch_on_mesh(*rows, np.arange(EVAL_ROWS), steps.mesh))
+    loss_sum, tokens, kv, _, _ = steps.evaluate(*batch_on_mesh(*rows, np.arange(EVAL_ROWS), steps.mesh))
     loss = float(loss_sum) / int(tokens)
     assert evaluation.tokens == int(tokens) == EVAL_ROWS * 32 - 2
     assert evaluation.loss == pytest.approx(loss, rel=1e-5)

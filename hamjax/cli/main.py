@@ -56,7 +56,7 @@ def _eval(args) -> int:
     reports = _start_processes()
     from hamjax.train import evaluate_checkpoint
 
-    step, result = evaluate_checkpoint(args.run_dir, args.step, args.batches)
+    step, result = evaluate_checkpoint(args.run_dir, args.step, args.batches, args.recall_ngram)
     if reports:
         print(json.dumps({"run_dir": args.run_dir, "step": step, **result._asdict()}))
     return 0
@@ -123,6 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--run_dir", required=True, help="the run folder written by `hamjax train`")
     evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
     evaluate.add_argument("--batches", type=int, default=0, help="validation batches (default 0: all)")
+    evaluate.add_argument("--recall_ngram", type=int, default=None, metavar="N",
+                          help="also report bits per byte on the recall hits (targets whose preceding N tokens "
+                               "occurred earlier in their document) and on the rest")
     evaluate.set_defaults(run=_eval)
     gen = commands.add_parser("generate", help="continue a prompt with a trained model; report its cache")
     gen.add_argument("--checkpoint", required=True, help="the run folder written by `hamjax train`")

@@ -7,7 +7,7 @@ from hamjax.data.corpus import DEFAULT_CORPUS, kjv_path, load_documents
 from hamjax.data.mqar import MQARConfig, mqar_batch
 from hamjax.data.needle import needle_batch
 from hamjax.data.packing import PackedRows, pack_documents, split_documents, target_mask
-from hamjax.data.recall import IGNORE_INDEX, recall_accuracy
+from hamjax.data.recall import IGNORE_INDEX, recall_accuracy, recall_hits
 from hamjax.data.tokenizers import ByteTokenizer, HFTokenizer, Tokenizer, load_tokenizer
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "pack_documents",
     "prepare_corpus",
     "recall_accuracy",
+    "recall_hits",
     "sequential_indices",
     "split_documents",
     "target_mask",

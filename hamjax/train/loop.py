@@ -17,7 +17,9 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from hamjax.data import Corpus, PackedRows, batch_indices, load_tokenizer, prepare_corpus, sequential_indices
+from hamjax.data import (
+    Corpus, PackedRows, batch_indices, load_tokenizer, prepare_corpus, recall_hits, sequential_indices,
+)
 from hamjax.nn.model import LanguageModel
 from hamjax.train.checkpoint import Checkpoints
 from hamjax.train.config import RunConfig
@@ -34,10 +36,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 class Evaluation(NamedTuple):
+    """Mean loss (nats per token) and bits per byte over the scored targets, KV fraction per HAM
+    layer, scored targets; with recall_ngram, the same split into recall hits (hit_*) and the rest
+    (other_*); None without."""
+
     loss: float
     bpb: float
     kv_fraction: list[float]
     tokens: int
+    hit_bpb: float | None = None
+    hit_tokens: int | None = None
+    other_bpb: float | None = None
+    other_tokens: int | None = None
 
 
 class RunSummary(NamedTuple):
@@ -75,32 +85,48 @@ def build(config: RunConfig) -> tuple[LanguageModel, nnx.Optimizer]:
     return model, make_optimizer(model, config.train)
 
 
-def evaluate(steps: MeshSteps, rows: PackedRows, bytes_per_token: float, batch_size: int, max_batches: int = 0):
+def evaluate(
+    steps: MeshSteps, rows: PackedRows, bytes_per_token: float, batch_size: int, max_batches: int = 0,
+    recall_ngram: int | None = None,
+):
     """Mean next-token loss, bits per byte and KV fraction per HAM layer over the rows (in order, in
     batches of batch_size; the first max_batches batches, 0: all) of the model in `steps`. The
     thresholds do not move. A short last batch is padded with rows that count for nothing, so that
-    the evaluation step compiles for one shape."""
-    loss_sum, tokens, fractions = 0.0, 0, []
+    the evaluation step compiles for one shape. recall_ngram n: also split the targets into recall
+    hits (`data.recall_hits` with that n) and the rest."""
+    hits = None if recall_ngram is None else recall_hits(rows.tokens, rows.segment_ids, recall_ngram)
+    sums, fractions = [], []
     for i, index in enumerate(sequential_indices(len(rows.tokens), batch_size)):
         if max_batches and i == max_batches:
             break
-        batch_loss, batch_tokens, kv = steps.evaluate(*_padded_batch(rows, index, batch_size, steps.mesh))
-        loss_sum += float(batch_loss)
-        tokens += int(batch_tokens)
-        fractions.append((np.asarray(kv), len(index)))
+        batch = _padded_batch(rows, index, batch_size, steps.mesh)
+        batch_hits = None if hits is None else global_rows(hits, _padded_index(index, batch_size), batch[0].sharding)
+        result = steps.evaluate(*batch, batch_hits)
+        sums.append([float(result.loss), int(result.tokens), float(result.hit_loss), int(result.hit_tokens)])
+        fractions.append((np.asarray(result.kv_fraction), len(index)))
+    loss_sum, tokens, hit_loss, hit_tokens = (sum(column) for column in zip(*sums))
+    bpb = lambda total, count: bits_per_byte(total / max(count, 1), bytes_per_token)
+    kv = sum(f * n for f, n in fractions) / sum(n for _, n in fractions)
+    split = {} if hits is None else dict(
+        hit_bpb=bpb(hit_loss, hit_tokens), hit_tokens=hit_tokens,
+        other_bpb=bpb(loss_sum - hit_loss, tokens - hit_tokens), other_tokens=tokens - hit_tokens,
+    )
     loss = loss_sum / max(tokens, 1)
-    rows_seen = sum(n for _, n in fractions)
-    kv = sum(f * n for f, n in fractions) / rows_seen
-    return Evaluation(loss, bits_per_byte(loss, bytes_per_token), [float(f) for f in kv], tokens)
+    return Evaluation(loss, bits_per_byte(loss, bytes_per_token), [float(f) for f in kv], tokens, **split)
 
 
 def _padded_batch(rows: PackedRows, index: np.ndarray, batch_size: int, mesh):
     """The rows at `index` [n <= batch_size], padded with copies of the last one -> global arrays
     tokens, segment_ids [batch_size, L] and valid_rows [batch_size, 1] bool (False: padding)."""
-    padded = np.pad(index, (0, batch_size - len(index)), mode="edge")
+    padded = _padded_index(index, batch_size)
     tokens, segment_ids = batch_on_mesh(*rows, padded, mesh)
     valid = (np.arange(batch_size) < len(index))[:, None]
     return tokens, segment_ids, global_rows(valid, np.arange(batch_size), tokens.sharding)
+
+
+def _padded_index(index: np.ndarray, batch_size: int) -> np.ndarray:
+    """Row numbers [n <= batch_size] -> [batch_size], repeating the last one."""
+    return np.pad(index, (0, batch_size - len(index)), mode="edge")
 
 
 class _StopRequest:
@@ -227,12 +253,17 @@ def load_model(run_dir: str, step: int | None = None) -> tuple[LanguageModel, Ru
     return model, config, _restore(run_dir, model, optimizer, step)
 
 
-def evaluate_checkpoint(run_dir: str, step: int | None = None, max_batches: int = 0) -> tuple[int, Evaluation]:
+def evaluate_checkpoint(
+    run_dir: str, step: int | None = None, max_batches: int = 0, recall_ngram: int | None = None
+) -> tuple[int, Evaluation]:
     """Validation loss, bits per byte and KV fraction of a run's checkpoint (default: the latest),
-    data parallel over all devices whatever mesh the run was trained on."""
+    data parallel over all devices whatever mesh the run was trained on; recall_ngram: as in
+    `evaluate`."""
     config = load_run_config(run_dir)
     model, optimizer = build(config)
     steps = MeshSteps(model, optimizer, make_mesh())
     step = _restore(run_dir, model, optimizer, step)
     corpus = load_corpus(config)
-    return step, evaluate(steps, corpus.validation, corpus.bytes_per_token, config.train.batch_size, max_batches)
+    return step, evaluate(
+        steps, corpus.validation, corpus.bytes_per_token, config.train.batch_size, max_batches, recall_ngram
+    )

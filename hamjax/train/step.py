@@ -39,9 +39,15 @@ def bits_per_byte(loss_nats: float, bytes_per_token: float) -> float:
 def summed_loss(model: LanguageModel, rows, segment_ids, valid=None):
     """rows, segment_ids [B, T + 1]; valid [B, T] bool (False = padding; None: all valid) -> (summed
     loss over the valid scored targets, ModelStats)."""
+    losses, stats = _target_losses(model, rows, segment_ids, valid)
+    return jnp.sum(losses), stats
+
+
+def _target_losses(model: LanguageModel, rows, segment_ids, valid):
+    """As summed_loss, the loss of each target [B, T] instead of their sum (0 where unscored)."""
     logits, stats = model(rows[:, :-1], segment_ids=segment_ids[:, :-1], valid=valid)
     losses = optax.softmax_cross_entropy_with_integer_labels(logits, rows[:, 1:])
-    return jnp.sum(jnp.where(_scored(segment_ids, valid), losses, 0.0)), stats
+    return jnp.where(_scored(segment_ids, valid), losses, 0.0), stats
 
 
 def _scored(segment_ids, valid):
@@ -89,13 +95,28 @@ def _apply_update(
     return StepMetrics(loss, tokens, grad_norm, kv_fraction, model.taus())
 
 
-def _eval_sums(model: LanguageModel, rows, segment_ids, valid_rows=None):
+class EvalSums(NamedTuple):
+    """Of one evaluation batch: loss (summed over the scored targets), tokens (scored targets),
+    kv_fraction [L_ham] (over the valid rows); hit_loss and hit_tokens: the same two over the
+    targets marked as recall hits (0 when none are marked)."""
+
+    loss: jax.Array
+    tokens: jax.Array
+    kv_fraction: jax.Array
+    hit_loss: jax.Array
+    hit_tokens: jax.Array
+
+
+def _eval_sums(model: LanguageModel, rows, segment_ids, valid_rows=None, hits=None) -> EvalSums:
     """rows, segment_ids [B, T + 1]; valid_rows [B, 1] bool (False: a padding row that counts for
-    nothing; None: every row counts) -> (summed loss, scored targets, kv_fraction [L_ham] over the
-    valid rows)."""
+    nothing; None: every row counts); hits [B, T] bool (data.recall_hits; None: none) -> EvalSums."""
     valid = None if valid_rows is None else jnp.broadcast_to(valid_rows, (rows.shape[0], rows.shape[1] - 1))
-    loss_sum, stats = summed_loss(model, rows, segment_ids, valid)
-    return loss_sum, jnp.sum(_scored(segment_ids, valid)), stats.kv_fraction
+    losses, stats = _target_losses(model, rows, segment_ids, valid)
+    scored = _scored(segment_ids, valid)
+    hits = jnp.zeros_like(scored) if hits is None else scored & hits
+    return EvalSums(
+        jnp.sum(losses), jnp.sum(scored), stats.kv_fraction, jnp.sum(jnp.where(hits, losses, 0.0)), jnp.sum(hits)
+    )
 
 
 train_step = nnx.jit(_train_update)
@@ -123,10 +144,10 @@ class MeshSteps:
         nnx.update(self.objects, state)
         return metrics
 
-    def evaluate(self, rows, segment_ids, valid_rows=None):
-        """rows, segment_ids [B, T + 1] and valid_rows [B, 1] (or None) global arrays -> (summed loss,
-        scored targets, kv_fraction over the valid rows)."""
-        return self._eval(nnx.state(self.objects), rows, segment_ids, valid_rows)
+    def evaluate(self, rows, segment_ids, valid_rows=None, hits=None) -> EvalSums:
+        """rows, segment_ids [B, T + 1], valid_rows [B, 1] and hits [B, T] (either may be None) global
+        arrays -> EvalSums."""
+        return self._eval(nnx.state(self.objects), rows, segment_ids, valid_rows, hits)
 
 
 def state_train_step(graphdef):
@@ -152,12 +173,12 @@ def _compiled_train(graphdef, treedef, leaves, batch: NamedSharding, replicated:
 
 @functools.lru_cache(maxsize=8)
 def _compiled_eval(graphdef, treedef, leaves, replicated: NamedSharding):
-    def evaluate(state, rows, segment_ids, valid_rows):
+    def evaluate(state, rows, segment_ids, valid_rows, hits):
         model, _ = nnx.merge(graphdef, state)
-        return _eval_sums(model, rows, segment_ids, valid_rows)
+        return _eval_sums(model, rows, segment_ids, valid_rows, hits)
 
     shardings = jax.tree.unflatten(treedef, leaves)
-    return jax.jit(evaluate, in_shardings=(shardings, None, None, None), out_shardings=replicated)
+    return jax.jit(evaluate, in_shardings=(shardings, None, None, None, None), out_shardings=replicated)
 
 
 # Recall tasks (MQAR, pass key): inputs [B, T] with aligned targets [B, T], IGNORE_INDEX where unscored.
