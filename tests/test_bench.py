@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from hamjax import ops
-from hamjax.bench import BENCHMARKS, ham_layer, memory, packed_step, precision, train_step
+from hamjax.bench import BENCHMARKS, ham_layer, memory, packed_step, precision, train_loop, train_step
 from hamjax.bench.common import count_every_buffer, memory_need, variant
 from hamjax.cli.main import main
 from hamjax.nn import ModelConfig
@@ -158,6 +158,17 @@ def test_precision(suite):
     for name in precision.DECODE_MODELS:
         assert rows[name]["kv_ratio"] == rows[name]["kv_bytes"]["bfloat16"] / rows[name]["kv_bytes"]["float32"]
         assert 0.5 < rows[name]["kv_ratio"] < 0.6
+
+
+def test_train_loop(suite):
+    """Both loops ran the tiny preset's 12 steps; each median is its one sample and the ratio is theirs."""
+    result = suite[1]["results"]["train_loop"]
+    assert result["steps"] == 12 and [row["loop"] for row in result["rows"]] == list(train_loop.LOOPS)
+    per_step, deferred = result["rows"]
+    assert (per_step["log_every"], per_step["prefetch"], deferred["log_every"], deferred["prefetch"]) == (1, 0, 10, 2)
+    for row in result["rows"]:
+        assert row["samples"] == [row["steps_per_s"]] and row["steps_per_s"] > 0
+    assert result["deferred_over_per_step"] == deferred["steps_per_s"] / per_step["steps_per_s"]
 
 
 def test_packed_step(suite):

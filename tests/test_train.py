@@ -239,6 +239,100 @@ def test_rerunning_a_finished_run_trains_nothing(ref_run):
     assert again.validation.bpb == pytest.approx(summary.validation.bpb, rel=1e-9)
 
 
+# --- bookkeeping: metrics read back every step, batches built in the loop, writers, a trace --------
+
+PER_STEP_FLAGS = ["--log_every", "1", "--prefetch", "0", "--metrics", "jsonl,tensorboard,wandb", "--profile_steps", "3:4"]
+
+
+@pytest.fixture(scope="module")
+def per_step_run(tmp_path_factory, ref_run):
+    """The reference run with every bookkeeping option the other way: metrics fetched every step
+    (the reference fetches every 10), batches built in the loop (the reference builds 2 ahead), TensorBoard
+    and an offline W&B run, and a profiler trace of steps 3-4."""
+    run_dir = tmp_path_factory.mktemp("per_step") / "run"
+    return run_dir, train(run_config(run_dir, *PER_STEP_FLAGS), progress=False)
+
+
+def test_metrics_every_10_steps_and_prefetching_train_bit_for_bit_as_every_step(ref_run, per_step_run):
+    assert preset("tiny").train.log_every == 10 and preset("tiny").train.prefetch == 2  # what ref_run used
+    (ref_dir, ref_summary), (run_dir, summary) = ref_run, per_step_run
+    record, model, optimizer = checkpoint_state(run_dir)
+    ref_record, ref_model, ref_optimizer = checkpoint_state(ref_dir)
+    assert record == ref_record
+    assert_trees_equal(model, ref_model, "model")
+    assert_trees_equal(optimizer, ref_optimizer, "optimizer")
+    assert_same_train_records(records(run_dir), records(ref_dir))
+    assert summary.validation == ref_summary.validation
+    assert summary.tokens_per_s > 0 and ref_summary.tokens_per_s > 0
+
+
+def test_tensorboard_events_hold_the_metrics_records(per_step_run):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run_dir, _ = per_step_run
+    events = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
+    events.Reload()
+    scalars = lambda tag: [(e.step, e.value) for e in events.Scalars(tag)]
+    train_records, eval_records = records(run_dir), records(run_dir, "eval")
+    as_float32 = lambda x: float(np.float32(x))
+    assert scalars("train/loss") == [(r["step"], as_float32(r["loss"])) for r in train_records]
+    for layer in range(2):
+        assert scalars(f"train/kv_fraction/layer_{layer}") == [
+            (r["step"], as_float32(r["kv_fraction"][layer])) for r in train_records]
+        assert scalars(f"train/tau/layer_{layer}") == [(r["step"], as_float32(r["tau"][layer])) for r in train_records]
+        assert scalars(f"eval/kv_fraction/layer_{layer}") == [
+            (r["step"], as_float32(r["kv_fraction"][layer])) for r in eval_records]
+    assert scalars("eval/bpb") == [(r["step"], as_float32(r["bpb"])) for r in eval_records]
+    assert {"train/grad_norm", "train/tokens_per_s", "train/mfu", "eval/loss"} <= set(events.Tags()["scalars"])
+    (text,) = events.Tensors("hyperparameters/text_summary")
+    assert '"train.log_every": 1' in text.tensor_proto.string_val[0].decode()
+
+
+def test_wandb_runs_offline_and_holds_the_metrics(per_step_run):
+    run_dir, _ = per_step_run
+    (history,) = (run_dir / "wandb").glob("offline-run-*/run-*.wandb")
+    data = history.read_bytes()  # W&B's own records (protobuf); names and JSON values appear as written
+    for name in ("train/loss", "train/kv_fraction/layer_1", "train/tau/layer_0", "eval/bpb", "train.log_every"):
+        assert name.encode() in data, name
+    assert json.dumps(records(run_dir)[-1]["loss"]).encode() in data
+
+
+def test_profile_steps_write_a_trace_tensorboard_opens(per_step_run):
+    run_dir, _ = per_step_run
+    traces = list((run_dir / "profile" / "plugins" / "profile").glob("*/*.xplane.pb"))
+    assert len(traces) == 1 and traces[0].stat().st_size > 0, traces
+
+
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_prefetched_batches_come_in_order_and_stop_when_closed(depth):
+    made = []
+
+    def make(step):
+        made.append(step)
+        return step * 10
+
+    assert list(loop._prefetched(make, range(1, 6), depth)) == [10, 20, 30, 40, 50]
+    assert list(loop._prefetched(make, range(1, 1), depth)) == []
+    made.clear()
+    batches = loop._prefetched(make, range(1, 100), depth)
+    assert next(batches) == 10
+    batches.close()
+    assert max(made) <= 1 + depth, made  # no more than depth batches were built ahead
+
+
+def test_non_finite_loss_between_fetches_names_its_step(tmp_path, capsys):
+    """As below, with metrics read every 10 steps and no save before step 10: the NaN of step 2 is
+    found at step 10's fetch, before that step's checkpoint would be saved."""
+    run_dir = tmp_path / "run"
+    flags = ["--learning_rate", "1e6", "--clip_norm", "1e9", "--warmup_steps", "0", "--save_every", "10",
+             "--log_every", "10"]
+    assert main(["train", *REF_FLAGS, "--run_dir", str(run_dir), *flags, "--quiet"]) == 1
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "at step 2:" in line and "before any checkpoint was saved" in line, line
+    assert [r["step"] for r in records(run_dir)] == [1]
+    assert checkpoint_listing(run_dir) == ([], [])
+
+
 # --- resuming --------------------------------------------------------------------------------------
 
 
@@ -797,8 +891,13 @@ def test_killed_during_saves_resumes_from_last_complete_checkpoint(background_ru
         (["--steps", "abc"], "abc"),
         (["--validation_fraction", "0.9"], "validation_fraction"),
         (["--router", "x"], "router"),
+        (["--metrics", "jsonl,tensorbored"], "tensorbored"),
+        (["--metrics", "tensorboard"], "jsonl"),
+        (["--profile_steps", "5:2"], "5:2"),
+        (["--log_every", "0"], "log_every"),
     ],
-    ids=["missing-source", "unknown-preset", "d_model", "kv_target", "unknown-flag", "non-numeric", "fraction", "router"],
+    ids=["missing-source", "unknown-preset", "d_model", "kv_target", "unknown-flag", "non-numeric", "fraction", "router",
+         "metric-writer", "no-jsonl", "profile-steps", "log_every"],
 )
 def test_bad_command_line_exits_2_with_one_line(flags, named, tmp_path, capsys):
     argv = ["train", "--preset", "tiny", "--run_dir", str(tmp_path / "run"), "--quiet", *flags]

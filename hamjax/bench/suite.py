@@ -7,11 +7,13 @@ import json
 import pathlib
 import time
 
-from hamjax.bench import decode, delta_rule, ham_layer, memory, packed_step, precision, profile, train_step
+from hamjax.bench import (
+    decode, delta_rule, ham_layer, memory, packed_step, precision, profile, train_loop, train_step,
+)
 
 BENCHMARKS = {
     "delta_rule": delta_rule, "ham_layer": ham_layer, "train_step": train_step, "profile": profile, "memory": memory,
-    "packed_step": packed_step, "precision": precision, "decode": decode,
+    "packed_step": packed_step, "precision": precision, "decode": decode, "train_loop": train_loop,
 }
 
 

@@ -1,4 +1,4 @@
-"""`hamjax train | eval | generate | bench`: errors in what the user asked for print one line and exit with status 2."""
+"""`hamjax train | prepare | eval | generate | bench`: errors in what the user asked for print one line and exit with status 2."""
 
 from __future__ import annotations
 
@@ -49,6 +49,21 @@ def _train(args) -> int:
         f"KV fraction per HAM layer {[round(f, 3) for f in v.kv_fraction]}; "
         f"{summary.tokens_per_s:,.0f} tokens/s, MFU {summary.mfu:.1%}, {summary.seconds:.0f} s; run folder {config.run_dir}"
     )
+    return 0
+
+
+def _prepare(args) -> int:
+    from hamjax.data.prepared import prepared_folder
+    from hamjax.train.loop import load_corpus
+
+    config = config_from_flags(args)
+    d = config.data
+    folder = prepared_folder(d.source, d.tokenizer, seq_len=d.seq_len, validation_fraction=d.validation_fraction,
+                             text_field=d.text_field, cache_dir=d.cache_dir or None)
+    done = (folder / "meta.json").exists()
+    corpus = load_corpus(config, progress=not args.quiet)
+    print(f"{'already prepared' if done else 'prepared'} {folder}: {len(corpus.train.tokens):,} train and "
+          f"{len(corpus.validation.tokens):,} validation rows of {d.seq_len + 1} tokens")
     return 0
 
 
@@ -119,6 +134,10 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(train)
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.set_defaults(run=_train)
+    prepare = commands.add_parser("prepare", help="tokenize and pack a run's corpus on disk (train does it too)")
+    add_config_flags(prepare)
+    prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+    prepare.set_defaults(run=_prepare)
     evaluate = commands.add_parser("eval", help="validation loss and KV fraction of a checkpoint")
     evaluate.add_argument("--run_dir", required=True, help="the run folder written by `hamjax train`")
     evaluate.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")

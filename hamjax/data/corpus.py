@@ -59,7 +59,7 @@ def _load_files(files: list[pathlib.Path], text_field: str) -> datasets.Dataset:
     return datasets.concatenate_datasets(parts)
 
 
-def _local_files(path: pathlib.Path) -> list[pathlib.Path]:
+def local_files(path: pathlib.Path) -> list[pathlib.Path]:
     """A file, or the .txt/.json/.jsonl files directly inside a directory, sorted by name."""
     suffixes = _TEXT_SUFFIXES + _JSON_SUFFIXES
     if path.is_dir():
@@ -105,7 +105,7 @@ def load_documents(source: str, text_field: str = "text") -> datasets.Dataset:
     if source == DEFAULT_CORPUS:
         documents = _kjv_chapters()
     elif path.exists():
-        documents = _load_files(_local_files(path), text_field)
+        documents = _load_files(local_files(path), text_field)
     elif _looks_like_path(source):
         raise FileNotFoundError(f"data source not found: {source}")
     else:

@@ -3,7 +3,7 @@ and the loop."""
 
 from hamjax.train.checkpoint import Checkpoints
 from hamjax.train.config import PRESETS, DataConfig, RunConfig, TrainConfig, preset
-from hamjax.train.loop import Evaluation, NonFiniteLoss, RunSummary, evaluate, evaluate_checkpoint, load_model, train
+from hamjax.train.loop import Evaluation, RunSummary, evaluate, evaluate_checkpoint, load_model, train
 from hamjax.train.optimizer import learning_rate_schedule, make_optimizer, weight_decay_mask
 from hamjax.train.step import (
     RecallEvaluation,
@@ -13,6 +13,7 @@ from hamjax.train.step import (
     recall_train_step,
     train_step,
 )
+from hamjax.train.step_log import NonFiniteLoss
 
 __all__ = [
     "PRESETS",

@@ -16,18 +16,23 @@ class DataConfig:
     """source: "kjv" (the embedded default corpus), a local .txt/.json/.jsonl file or folder, or a
     Hugging Face hub dataset name; text_field: the column holding the text in JSON or hub data;
     tokenizer: "bytes" or a Hugging Face tokenizer name or path; seq_len: tokens per packed row;
-    validation_fraction: share of documents held out."""
+    validation_fraction: share of documents held out; cache_dir: where the corpus is prepared
+    (hamjax.data.prepared; "": $HAMJAX_CACHE/prepared or ~/.cache/hamjax/prepared)."""
 
     source: str = "kjv"
     text_field: str = "text"
     tokenizer: str = "bytes"
     seq_len: int = 256
     validation_fraction: float = 0.02
+    cache_dir: str = ""
 
     def __post_init__(self):
         validation.check_positive_int("seq_len", self.seq_len)
         if not 0.0 < self.validation_fraction <= 0.5:
             raise ValueError(f"validation_fraction must be in (0, 0.5], got {self.validation_fraction!r}")
+
+
+METRIC_WRITERS = ("jsonl", "tensorboard", "wandb")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,7 +41,13 @@ class TrainConfig:
     weight decay on norms, biases, A_log and dt_bias. One step consumes grad_accum * batch_size rows.
     Evaluates every eval_every steps on eval_batches validation batches (0: all), saves a checkpoint
     every save_every steps and keeps the last keep_checkpoints. mesh_data x mesh_fsdp x mesh_tensor:
-    the device mesh (hamjax.train.sharding; mesh_data 0 takes the devices the others leave)."""
+    the device mesh (hamjax.train.sharding; mesh_data 0 takes the devices the others leave).
+
+    Bookkeeping: the step metrics are read back from the device every log_every steps (and at every
+    evaluation, save and stop); prefetch batches are built ahead in a background thread (0: in the
+    loop); metrics names the writers, comma-separated, from METRIC_WRITERS (jsonl always: the plot and
+    resuming read it); profile_steps "START:END" traces steps START to END with the JAX profiler
+    into the run folder's profile/ ("": none)."""
 
     steps: int = 400
     batch_size: int = 16
@@ -57,12 +68,16 @@ class TrainConfig:
     mesh_data: int = 0
     mesh_fsdp: int = 1
     mesh_tensor: int = 1
+    log_every: int = 10
+    prefetch: int = 2
+    metrics: str = "jsonl"
+    profile_steps: str = ""
 
     def __post_init__(self):
         for name in ("steps", "batch_size", "grad_accum", "eval_every", "save_every", "keep_checkpoints",
-                     "mesh_fsdp", "mesh_tensor"):
+                     "mesh_fsdp", "mesh_tensor", "log_every"):
             validation.check_positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "seed", "eval_batches", "mesh_data"):
+        for name in ("warmup_steps", "seed", "eval_batches", "mesh_data", "prefetch"):
             validation.check_nonnegative_int(name, getattr(self, name))
         for name in ("learning_rate", "clip_norm"):
             validation.check_positive_float(name, getattr(self, name))
@@ -72,6 +87,31 @@ class TrainConfig:
         for name in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        unknown = set(self.metric_writers) - set(METRIC_WRITERS)
+        if unknown or "jsonl" not in self.metric_writers:
+            raise ValueError(
+                f"metrics must list writers from {METRIC_WRITERS}, jsonl among them (the plot and resuming "
+                f"read it), got {self.metrics!r}"
+            )
+        self.profile_range  # raises on a malformed range
+
+    @property
+    def metric_writers(self) -> tuple[str, ...]:
+        return tuple(name.strip() for name in self.metrics.split(",") if name.strip())
+
+    @property
+    def profile_range(self) -> tuple[int, int] | None:
+        """profile_steps as (first, last) step, both traced; None when empty."""
+        if not self.profile_steps:
+            return None
+        first, _, last = self.profile_steps.partition(":")
+        try:
+            first, last = int(first), int(last)
+        except ValueError:
+            first = last = 0
+        if not 1 <= first <= last:
+            raise ValueError(f"profile_steps must be START:END with 1 <= START <= END, got {self.profile_steps!r}")
+        return first, last
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,7 +173,7 @@ def config_from_dict(values: dict) -> RunConfig:
 # computed (a run saved on one mesh resumes on another).
 BOOKKEEPING_FIELDS = {
     "eval_every", "eval_batches", "save_every", "keep_checkpoints", "async_checkpoints", "mesh_data", "mesh_fsdp",
-    "mesh_tensor",
+    "mesh_tensor", "log_every", "prefetch", "metrics", "profile_steps", "cache_dir",
 }
 
 

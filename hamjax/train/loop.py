@@ -3,13 +3,14 @@ a progress bar, Ctrl-C handling and a stop on a non-finite loss."""
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import json
-import math
 import pathlib
 import signal
-import statistics
 import threading
 import time
+from collections.abc import Callable, Generator
 from typing import NamedTuple
 
 import jax
@@ -26,14 +27,11 @@ from hamjax.train.config import RunConfig
 from hamjax.train.flops import measure_matmul_peak, training_flops_per_token
 from hamjax.train.optimizer import make_optimizer
 from hamjax.train.plot import plot_run
-from hamjax.train.run_folder import MetricsLog, load_run_config, prepare_run_folder
+from hamjax.train.run_folder import load_run_config, prepare_run_folder
 from hamjax.train.sharding import batch_on_mesh, check_batch_size, global_rows, make_mesh
 from hamjax.train.step import MeshSteps, bits_per_byte
-
-
-class NonFiniteLoss(RuntimeError):
-    """Training stopped because the loss became NaN or infinite."""
-
+from hamjax.train.step_log import StepLog
+from hamjax.train.writers import MetricWriters
 
 class Evaluation(NamedTuple):
     """Mean loss (nats per token) and bits per byte over the scored targets, KV fraction per HAM
@@ -52,19 +50,22 @@ class Evaluation(NamedTuple):
 
 class RunSummary(NamedTuple):
     """status: "finished" or "interrupted"; step: the last step trained; validation: the final
-    evaluation (None when interrupted); tokens_per_s and mfu: medians over the steps of this process
-    after the first (which compiles)."""
+    evaluation (None when interrupted); tokens_per_s (scored tokens), steps_per_s and mfu: over the
+    training steps of this process after the first (which compiles), evaluations and saves left out
+    (nan when it trained one step or none)."""
 
     status: str
     step: int
     validation: Evaluation | None
     tokens_per_s: float
+    steps_per_s: float
     mfu: float
     seconds: float
 
 
-def load_corpus(config: RunConfig) -> Corpus:
-    """The run's tokenized, packed corpus; ValueError if the tokenizer's vocabulary does not fit."""
+def load_corpus(config: RunConfig, progress: bool = False) -> Corpus:
+    """The run's tokenized, packed corpus, prepared on disk unless it already is (progress bars
+    while preparing); ValueError if the tokenizer's vocabulary does not fit."""
     tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
@@ -77,6 +78,8 @@ def load_corpus(config: RunConfig) -> Corpus:
         seq_len=config.data.seq_len,
         validation_fraction=config.data.validation_fraction,
         text_field=config.data.text_field,
+        cache_dir=config.data.cache_dir or None,
+        progress=progress,
     )
 
 
@@ -155,63 +158,63 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
     tc = config.train
     mesh = make_mesh(tc.mesh_data, tc.mesh_fsdp, tc.mesh_tensor)
     check_batch_size(tc.batch_size, mesh)
-    corpus = load_corpus(config)
+    primary = jax.process_index() == 0  # the process that writes the run folder's files
+    corpus = load_corpus(config, progress=progress and primary)
     model, optimizer = build(config)
     steps = MeshSteps(model, optimizer, mesh)
-    primary = jax.process_index() == 0  # the process that writes the run folder's files
     run = prepare_run_folder(config, write=primary)
     checkpoints = Checkpoints(run / "checkpoints", keep=tc.keep_checkpoints, async_save=tc.async_checkpoints)
     start = 0
     if checkpoints.latest_step() is not None:
         start = checkpoints.restore(model, optimizer)["step"]
-    log = MetricsLog(run / "metrics.jsonl", resume_step=start, write=primary)
+    writers = MetricWriters(run, config, resume_step=start, write=primary)
     peak = measure_matmul_peak()
     rows_per_step = tc.batch_size * tc.grad_accum
-    flops_per_token = training_flops_per_token(config.model, config.data.seq_len)
     record = lambda step: {"step": step, "data_position": step * rows_per_step, "seed": tc.seed}
-    speeds, mfus, status, step, validation = [], [], "finished", start, None
+    status, step, validation = "finished", start, None
     stop = _StopRequest()
     bar = tqdm(total=tc.steps, initial=start, disable=not (progress and primary), unit="step", dynamic_ncols=True)
+    log = StepLog(
+        writers.write, bar, bytes_per_token=corpus.bytes_per_token, peak_flops=peak,
+        flops_per_token=training_flops_per_token(config.model, config.data.seq_len),
+        checkpoint_message=lambda: _last_good_checkpoint(checkpoints),
+    )
+    batches = _prefetched(
+        lambda step: batch_on_mesh(
+            *corpus.train, batch_indices(len(corpus.train.tokens), step - 1, rows_per_step, tc.seed)
+            .reshape(tc.grad_accum, tc.batch_size), mesh,
+        ),
+        range(start + 1, tc.steps + 1), tc.prefetch,
+    )
+    profiler = _Profiler(run / "profile", tc.profile_range)
     try:
-        for step in range(start + 1, tc.steps + 1):
-            index = batch_indices(len(corpus.train.tokens), step - 1, rows_per_step, tc.seed)
-            batch = batch_on_mesh(*corpus.train, index.reshape(tc.grad_accum, tc.batch_size), mesh)
-            tick = time.perf_counter()
-            metrics = steps.train(*batch)
-            loss, grad_norm = float(metrics.loss), float(metrics.grad_norm)
-            seconds = time.perf_counter() - tick
-            if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-                last = checkpoints.latest_step()
-                where = (f"stopped; the last good checkpoint is step {last} in {checkpoints.directory}"
-                         if last is not None else "stopped before any checkpoint was saved")
-                raise NonFiniteLoss(
-                    f"non-finite loss ({loss}) or gradient norm ({grad_norm}) at step {step}: training {where}"
-                )
-            tokens_per_s = int(metrics.tokens) / seconds
-            mfu = tokens_per_s * flops_per_token / peak
-            if step > start + 1:
-                speeds.append(tokens_per_s)
-                mfus.append(mfu)
-            kv = [float(f) for f in np.asarray(metrics.kv_fraction)]
-            log.write({
-                "kind": "train", "step": step, "loss": loss, "bpb": bits_per_byte(loss, corpus.bytes_per_token),
-                "grad_norm": grad_norm, "kv_fraction": kv,
-                "tau": [float(t) for t in np.asarray(metrics.tau)], "tokens_per_s": tokens_per_s, "mfu": mfu,
-            })
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss:.3f}", tok_s=f"{tokens_per_s:.0f}", kv=" ".join(f"{f:.2f}" for f in kv))
-            if step % tc.eval_every == 0 or step == tc.steps:
+        for step, batch in zip(range(start + 1, tc.steps + 1), batches):
+            profiler.before(step)
+            log.add(step, steps.train(*batch))
+            evaluating = step % tc.eval_every == 0 or step == tc.steps
+            if step == start + 1 or step % tc.log_every == 0 or evaluating or profiler.ends_at(step):
+                log.fetch()
+            traced = profiler.after(step)
+            if evaluating:
                 validation = evaluate(steps, corpus.validation, corpus.bytes_per_token, tc.batch_size, tc.eval_batches)
-                log.write({"kind": "eval", "step": step, "loss": validation.loss, "bpb": validation.bpb,
-                           "kv_fraction": validation.kv_fraction})
-            if step % tc.save_every == 0 or step == tc.steps or stop.requested:
+                writers.write({"kind": "eval", "step": step, "loss": validation.loss, "bpb": validation.bpb,
+                               "kv_fraction": validation.kv_fraction})
+            stopping = stop.requested  # read once: a Ctrl-C from here on stops after the next step
+            saving = step % tc.save_every == 0 or step == tc.steps or stopping
+            if saving:
+                log.fetch()  # a checkpoint is saved only once its steps are known to be finite
                 checkpoints.save(step, model, optimizer, record(step))
-            if stop.requested:
+            if evaluating or saving or traced:
+                log.restart_clock()
+            if stopping:
                 status = "interrupted"
                 break
     finally:
+        batches.close()
+        profiler.close()
         bar.close()
         stop.close()
+        writers.close()
         checkpoints.wait()
         checkpoints.close()
     if primary:
@@ -220,11 +223,68 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
         validation = None
     elif validation is None or tc.eval_batches:  # the final step's evaluation was partial or did not run here
         validation = evaluate(steps, corpus.validation, corpus.bytes_per_token, tc.batch_size)
-    median = lambda xs: statistics.median(xs) if xs else float("nan")
-    summary = RunSummary(status, step, validation, median(speeds), median(mfus), time.perf_counter() - started)
+    summary = RunSummary(
+        status, step, validation, log.tokens_per_s, log.steps_per_s, log.mfu(log.tokens_per_s),
+        time.perf_counter() - started,
+    )
     if primary:
         write_summary(run, summary, peak)
     return summary
+
+
+def _last_good_checkpoint(checkpoints: Checkpoints) -> str:
+    last = checkpoints.latest_step()
+    if last is None:
+        return "stopped before any checkpoint was saved"
+    return f"stopped; the last good checkpoint is step {last} in {checkpoints.directory}"
+
+
+def _prefetched(make: Callable[[int], object], steps: range, depth: int) -> Generator:
+    """make(step) for each step, in order; depth > 0: computed up to `depth` steps ahead in a
+    background thread (close() the generator to stop it)."""
+    if depth == 0:
+        yield from map(make, steps)
+        return
+    with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="hamjax-batches") as pool:
+        ahead = collections.deque(pool.submit(make, step) for step in steps[:depth])
+        try:
+            for step in steps[depth:]:
+                ahead.append(pool.submit(make, step))
+                yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
+        finally:
+            for future in ahead:
+                future.cancel()
+
+
+class _Profiler:
+    """A JAX profiler trace of steps first..last (`span`; None: none) into `directory`, which
+    TensorBoard's profile plugin opens. before(step) starts it at the first; the loop fetches the
+    metrics of the last (ends_at), so that its work is done when after(step) stops the trace."""
+
+    def __init__(self, directory: pathlib.Path, span: tuple[int, int] | None):
+        self.directory, self.span, self.tracing = directory, span, False
+
+    def before(self, step: int) -> None:
+        if self.span is not None and step == self.span[0]:
+            jax.profiler.start_trace(str(self.directory))
+            self.tracing = True
+
+    def ends_at(self, step: int) -> bool:
+        return self.tracing and step == self.span[1]
+
+    def after(self, step: int) -> bool:
+        """True when this step ended the trace."""
+        ended = self.ends_at(step)
+        if ended:
+            self.close()
+        return ended
+
+    def close(self) -> None:
+        if self.tracing:
+            jax.profiler.stop_trace()
+            self.tracing = False
 
 
 def write_summary(run: pathlib.Path, summary: RunSummary, peak_flops: float) -> None:
