@@ -34,10 +34,22 @@ from hamjax.train.loop import build, train  # noqa: E402
 from hamjax.train.step import MeshSteps  # noqa: E402
 
 
+class RowsRead:
+    """Corpus rows [N, L] (as a memory map is read: by row number) that record the rows asked for."""
+
+    def __init__(self, rows):
+        self.rows, self.shape, self.read = rows, rows.shape, set()
+
+    def __getitem__(self, index):
+        self.read.update(np.asarray(index).ravel().tolist())
+        return self.rows[index]
+
+
 def layout(config):
     """One step on a batch of 3 x batch_size random rows -> {"arrays": every array's global shape,
     first local shard's shape and spec, "batch": whether each local piece of the batch holds the
-    rows its index names, "batch_pieces": how many distinct pieces this process holds}."""
+    rows its index names, "batch_pieces": how many distinct pieces this process holds, "index":
+    the batch's row numbers, "rows_read": the corpus rows this process read}."""
     mesh = sharding.make_mesh(config.train.mesh_data, config.train.mesh_fsdp, config.train.mesh_tensor)
     model, optimizer = build(config)
     steps = MeshSteps(model, optimizer, mesh)
@@ -45,7 +57,8 @@ def layout(config):
     batch_size, length = config.train.batch_size, config.data.seq_len + 1
     tokens = rng.integers(0, config.model.vocab_size, (3 * batch_size, length)).astype(np.int32)
     index = rng.permutation(3 * batch_size)[:batch_size].reshape(1, batch_size)
-    rows, segment_ids = sharding.batch_on_mesh(tokens, np.ones_like(tokens), index, mesh)
+    corpus_rows = RowsRead(tokens)
+    rows, segment_ids = sharding.batch_on_mesh(corpus_rows, np.ones_like(tokens), index, mesh)
     expected = tokens[index]
     pieces = {str(shard.index): np.array_equal(np.asarray(shard.data), expected[shard.index])
               for shard in rows.addressable_shards}
@@ -55,7 +68,8 @@ def layout(config):
         arrays["/".join(sharding._names(path))] = {
             "shape": list(x.shape), "shard": list(x.addressable_shards[0].data.shape), "spec": str(x.sharding.spec)
         }
-    return {"arrays": arrays, "batch": all(pieces.values()), "batch_pieces": len(pieces)}
+    return {"arrays": arrays, "batch": all(pieces.values()), "batch_pieces": len(pieces),
+            "index": index.ravel().tolist(), "rows_read": sorted(corpus_rows.read)}
 
 
 def errors(config):

@@ -193,6 +193,18 @@ def test_each_process_holds_the_rows_of_its_own_pieces(runs, mesh):
     assert all(r["batch"] for r in reports)
 
 
+def test_two_processes_read_disjoint_rows_whose_union_is_the_batch(runs):
+    """Each process reads from the corpus rows (a memory map in training) only the rows of its own
+    devices' pieces: half the batch each, none read by both."""
+    reports = [report["results"][1] for report in runs[3]]
+    (index,) = {tuple(r["index"]) for r in reports}
+    first, second = (set(r["rows_read"]) for r in reports)
+    assert len(first) == len(second) == len(index) // 2
+    assert not first & second and first | second == set(index)
+    (single,) = [runs[2]["results"][len(MESHES) + 1]]  # one process of 8 devices reads the whole batch
+    assert set(single["rows_read"]) == set(single["index"])
+
+
 def test_mesh_errors_name_the_value(runs):
     messages = runs[2]["results"][-1]
     assert messages["batch"] == (
