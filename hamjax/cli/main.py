@@ -58,6 +58,8 @@ def _prepare(args) -> int:
 
     config = config_from_flags(args)
     d = config.data
+    if d.streaming:
+        raise ValueError("--streaming reads the documents as it trains: there is nothing to prepare")
     folder = prepared_folder(d.source, d.tokenizer, seq_len=d.seq_len, validation_fraction=d.validation_fraction,
                              text_field=d.text_field, cache_dir=d.cache_dir or None)
     done = (folder / "meta.json").exists()

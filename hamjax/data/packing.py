@@ -21,24 +21,54 @@ def pack_documents(documents: Sequence[np.ndarray], row_length: int) -> PackedRo
 
     A document that runs past the end of a row continues as segment 0 of the next row.
     """
-    if isinstance(row_length, bool) or not isinstance(row_length, int) or row_length < 2:
-        raise ValueError(f"row_length must be an integer >= 2, got {row_length!r}")
+    packer = RowPacker(row_length)
     for i, doc in enumerate(documents):
         if np.ndim(doc) != 1:
             raise ValueError(f"documents must be 1-D token arrays, document {i} has shape {np.shape(doc)}")
     lengths = np.array([len(doc) for doc in documents], np.int64)
-    total = int(lengths.sum())
-    n_rows = total // row_length
-    if n_rows == 0:
-        raise ValueError(f"{total} tokens in all documents are fewer than one row of row_length={row_length}")
-    used = n_rows * row_length
-    tokens = np.concatenate([np.asarray(doc, np.int32) for doc in documents])[:used]
-    document_of_token = np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
-    document_of_token = document_of_token[:used].reshape(n_rows, row_length)
-    # Rank among the non-empty documents: consecutive within a row, since empty ones own no token.
-    ranks = np.cumsum(lengths > 0, dtype=np.int32) - 1
-    segment_ids = ranks[document_of_token] - ranks[document_of_token[:, :1]]
-    return PackedRows(tokens.reshape(n_rows, row_length), segment_ids)
+    if lengths.sum() < row_length:
+        raise ValueError(f"{int(lengths.sum())} tokens in all documents are fewer than one row of row_length={row_length}")
+    packer.add(np.concatenate([np.asarray(doc, np.int32) for doc in documents]), lengths)
+    return packer.take(packer.full_rows())
+
+
+class RowPacker:
+    """Documents added in order, in any number of calls -> full rows of row_length tokens: the
+    tokens concatenated and cut every row_length, segment ids numbering the non-empty documents
+    within each row from 0 (`pack_documents` adds them all at once). Tokens that do not fill a row
+    yet are carried; state() and load_state() save and restore them."""
+
+    def __init__(self, row_length: int):
+        if isinstance(row_length, bool) or not isinstance(row_length, int) or row_length < 2:
+            raise ValueError(f"row_length must be an integer >= 2, got {row_length!r}")
+        self.row_length = row_length
+        self.tokens = self.ranks = np.zeros(0, np.int32)  # carried tokens and their document's rank
+        self.last_rank = -1  # the rank of the last non-empty document added
+
+    def add(self, tokens: np.ndarray, lengths: np.ndarray) -> None:
+        """tokens [sum(lengths)]: documents of these lengths [D], concatenated."""
+        ranks = self.last_rank + np.cumsum(np.asarray(lengths) > 0, dtype=np.int32)
+        self.last_rank = int(ranks[-1]) if len(ranks) else self.last_rank
+        self.tokens = np.concatenate([self.tokens, np.asarray(tokens, np.int32)])
+        self.ranks = np.concatenate([self.ranks, np.repeat(ranks, lengths)])
+
+    def full_rows(self) -> int:
+        return len(self.tokens) // self.row_length
+
+    def take(self, n: int) -> PackedRows:
+        """The first n <= full_rows() rows [n, row_length]; the rest stays carried."""
+        cut = n * self.row_length
+        ranks = self.ranks[:cut].reshape(n, self.row_length)
+        rows = PackedRows(self.tokens[:cut].reshape(n, self.row_length), ranks - ranks[:, :1])
+        self.tokens, self.ranks = self.tokens[cut:], self.ranks[cut:]
+        return rows
+
+    def state(self) -> dict:
+        return {"tokens": self.tokens.tolist(), "ranks": self.ranks.tolist(), "last_rank": self.last_rank}
+
+    def load_state(self, state: dict) -> None:
+        self.tokens, self.ranks = (np.asarray(state[name], np.int32) for name in ("tokens", "ranks"))
+        self.last_rank = int(state["last_rank"])
 
 
 def split_documents(n_documents: int, validation_fraction: float) -> tuple[np.ndarray, np.ndarray]:

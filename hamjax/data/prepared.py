@@ -27,7 +27,7 @@ import pyarrow.compute as pc
 from tqdm.auto import tqdm
 
 from hamjax.data.corpus import DEFAULT_CORPUS, kjv_path, load_documents, local_files
-from hamjax.data.packing import PackedRows, split_documents
+from hamjax.data.packing import PackedRows, RowPacker, split_documents
 from hamjax.data.tokenizers import Tokenizer
 from hamjax.ops.validation import check_positive_int
 
@@ -39,9 +39,10 @@ TOKENIZED = datasets.Features({"tokens": datasets.Sequence(datasets.Value("int32
 
 
 class Corpus(NamedTuple):
-    """Packed train and validation rows [N, seq_len + 1], split by document."""
+    """Packed train and validation rows [N, seq_len + 1], split by document (train None when the
+    training rows are streamed: hamjax.data.streaming)."""
 
-    train: PackedRows
+    train: PackedRows | None
     validation: PackedRows
     bytes_per_token: float  # UTF-8 bytes / tokens over all documents: converts nats/token to bits/byte
     vocab_size: int
@@ -150,10 +151,9 @@ def _processes(n_documents: int) -> int | None:
 
 
 def _write_rows(tokenized: datasets.Dataset, row_length: int, prefix: pathlib.Path, split: str, progress: bool):
-    """The documents' tokens concatenated in order, cut every row_length tokens (the final partial
-    row dropped), with segment ids numbering the non-empty documents within each row from 0, as
-    `pack_documents`; written to <prefix>.tokens.npy and <prefix>.segment_ids.npy [N, row_length]
-    int32 one batch of documents at a time. Returns (N, tokens in all documents)."""
+    """The documents packed by a RowPacker (as `pack_documents`; the final partial row dropped)
+    into <prefix>.tokens.npy and <prefix>.segment_ids.npy [N, row_length] int32, one batch of
+    documents at a time. Returns (N, tokens in all documents)."""
     total = int(pc.sum(pc.list_value_length(tokenized.data.column("tokens"))).as_py() or 0)
     n_rows = total // row_length
     if n_rows == 0:
@@ -163,23 +163,16 @@ def _write_rows(tokenized: datasets.Dataset, row_length: int, prefix: pathlib.Pa
         )
     open_rows = lambda part: np.lib.format.open_memmap(f"{prefix}.{part}.npy", "w+", np.int32, (n_rows, row_length))
     tokens_out, segments_out = open_rows("tokens"), open_rows("segment_ids")
-    carried_tokens = carried_ranks = np.zeros(0, np.int32)
-    last_rank, row = -1, 0
+    packer, row = RowPacker(row_length), 0
     bar = tqdm(total=n_rows, unit="row", desc=f"packing the {split} split", disable=not progress)
     for batch in tokenized.with_format("arrow").iter(batch_size=BATCH_DOCUMENTS):
         column = batch.column("tokens").combine_chunks()
-        lengths = pc.list_value_length(column).to_numpy(zero_copy_only=False)
-        ranks = last_rank + np.cumsum(lengths > 0, dtype=np.int32)  # rank among the non-empty documents
-        last_rank = int(ranks[-1]) if len(ranks) else last_rank
-        carried_tokens = np.concatenate([carried_tokens, column.flatten().to_numpy(zero_copy_only=False)])
-        carried_ranks = np.concatenate([carried_ranks, np.repeat(ranks, lengths)])
-        full = min(len(carried_tokens) // row_length, n_rows - row)
-        cut = full * row_length
-        ranks_of_rows = carried_ranks[:cut].reshape(full, row_length)
-        tokens_out[row:row + full] = carried_tokens[:cut].reshape(full, row_length)
-        segments_out[row:row + full] = ranks_of_rows - ranks_of_rows[:, :1]
-        carried_tokens, carried_ranks, row = carried_tokens[cut:], carried_ranks[cut:], row + full
-        bar.update(full)
+        packer.add(column.flatten().to_numpy(zero_copy_only=False),
+                   pc.list_value_length(column).to_numpy(zero_copy_only=False))
+        rows = packer.take(min(packer.full_rows(), n_rows - row))
+        tokens_out[row:row + len(rows.tokens)], segments_out[row:row + len(rows.tokens)] = rows
+        row += len(rows.tokens)
+        bar.update(len(rows.tokens))
     bar.close()
     tokens_out.flush()
     segments_out.flush()

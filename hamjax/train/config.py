@@ -17,7 +17,10 @@ class DataConfig:
     Hugging Face hub dataset name; text_field: the column holding the text in JSON or hub data;
     tokenizer: "bytes" or a Hugging Face tokenizer name or path; seq_len: tokens per packed row;
     validation_fraction: share of documents held out; cache_dir: where the corpus is prepared
-    (hamjax.data.prepared; "": $HAMJAX_CACHE/prepared or ~/.cache/hamjax/prepared)."""
+    (hamjax.data.prepared; "": $HAMJAX_CACHE/prepared or ~/.cache/hamjax/prepared); streaming:
+    stream the documents instead of preparing them (hamjax.data.streaming: read in the source's
+    order, each process its own part; the validation rows are the first eval_batches x batch_size
+    of the held-out documents)."""
 
     source: str = "kjv"
     text_field: str = "text"
@@ -25,6 +28,7 @@ class DataConfig:
     seq_len: int = 256
     validation_fraction: float = 0.02
     cache_dir: str = ""
+    streaming: bool = False
 
     def __post_init__(self):
         validation.check_positive_int("seq_len", self.seq_len)
@@ -124,6 +128,11 @@ class RunConfig:
     train: TrainConfig = TrainConfig()
     run_dir: str = "runs/small"
 
+    def __post_init__(self):
+        if self.data.streaming and not self.train.eval_batches:
+            raise ValueError("streaming needs eval_batches > 0: a stream's validation split has no end to evaluate "
+                             "up to; pass --eval_batches N")
+
 
 PRESETS: dict[str, RunConfig] = {
     # Seconds on a CPU: the tests' model.
@@ -141,7 +150,7 @@ PRESETS: dict[str, RunConfig] = {
             vocab_size=50304, d_model=1536, n_layers=24, heads=12, key_dim=128, value_dim=128, mlp_hidden=4096,
             capacity=4096, window=1024, tau_freeze_steps=20_000, remat=True,
         ),
-        DataConfig(source="HuggingFaceFW/fineweb-edu", tokenizer="EleutherAI/gpt-neox-20b", seq_len=4096),
+        DataConfig(source="HuggingFaceFW/fineweb-edu", tokenizer="EleutherAI/gpt-neox-20b", seq_len=4096, streaming=True),
         TrainConfig(
             steps=48_000, batch_size=256, learning_rate=1e-3, warmup_steps=2_000, eval_every=1_000, eval_batches=50,
             save_every=1_000,

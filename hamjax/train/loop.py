@@ -19,7 +19,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from hamjax.data import (
-    Corpus, PackedRows, batch_indices, load_tokenizer, prepare_corpus, recall_hits, sequential_indices,
+    Corpus, PackedRows, load_tokenizer, prepare_corpus, recall_hits, sequential_indices, streamed_corpus,
 )
 from hamjax.nn.model import LanguageModel
 from hamjax.train.checkpoint import Checkpoints
@@ -31,6 +31,7 @@ from hamjax.train.run_folder import load_run_config, prepare_run_folder
 from hamjax.train.sharding import batch_on_mesh, check_batch_size, global_rows, make_mesh
 from hamjax.train.step import MeshSteps, bits_per_byte
 from hamjax.train.step_log import StepLog
+from hamjax.train.train_batches import training_batches
 from hamjax.train.writers import MetricWriters
 
 class Evaluation(NamedTuple):
@@ -72,6 +73,11 @@ def load_corpus(config: RunConfig, progress: bool = False) -> Corpus:
             f"tokenizer {config.data.tokenizer!r} has {tokenizer.vocab_size} ids but vocab_size is "
             f"{config.model.vocab_size}; pass --vocab_size {tokenizer.vocab_size} or more"
         )
+    d = config.data
+    if d.streaming:
+        return streamed_corpus(d.source, tokenizer, seq_len=d.seq_len, validation_fraction=d.validation_fraction,
+                               validation_rows=config.train.eval_batches * config.train.batch_size,
+                               text_field=d.text_field)
     return prepare_corpus(
         config.data.source,
         tokenizer,
@@ -179,13 +185,8 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
         flops_per_token=training_flops_per_token(config.model, config.data.seq_len),
         checkpoint_message=lambda: _last_good_checkpoint(checkpoints),
     )
-    batches = _prefetched(
-        lambda step: batch_on_mesh(
-            *corpus.train, batch_indices(len(corpus.train.tokens), step - 1, rows_per_step, tc.seed)
-            .reshape(tc.grad_accum, tc.batch_size), mesh,
-        ),
-        range(start + 1, tc.steps + 1), tc.prefetch,
-    )
+    make_batch = training_batches(config, corpus, mesh, run, start)
+    batches = _prefetched(make_batch, range(start + 1, tc.steps + 1), tc.prefetch)
     profiler = _Profiler(run / "profile", tc.profile_range)
     try:
         for step, batch in zip(range(start + 1, tc.steps + 1), batches):
@@ -203,6 +204,7 @@ def train(config: RunConfig, *, progress: bool = True) -> RunSummary:
             saving = step % tc.save_every == 0 or step == tc.steps or stopping
             if saving:
                 log.fetch()  # a checkpoint is saved only once its steps are known to be finite
+                make_batch.saved(step)  # before the checkpoint: a checkpoint never lacks its stream state
                 checkpoints.save(step, model, optimizer, record(step))
             if evaluating or saving or traced:
                 log.restart_clock()
