@@ -39,14 +39,29 @@ def in_memory(source: str, tokenizer, seq_len: int, validation_fraction: float):
     return pack(train_index), pack(validation_index), n_bytes / sum(len(t) for t in tokens)
 
 
-@pytest.mark.parametrize("parallel", [False, True], ids=["one-process", "parallel"])
+PREPARE_IN_PROCESSES = textwrap.dedent("""
+    import sys
+    from hamjax import data
+    from hamjax.data import prepared
+
+    prepared.BATCH_DOCUMENTS = 3
+    prepared.prepare_corpus(sys.argv[1], data.ByteTokenizer(), seq_len=63, validation_fraction=0.2,
+                            cache_dir=sys.argv[2], processes=2)
+""")
+
+
+@pytest.mark.parametrize("parallel", [False, True], ids=["one-process", "two-processes"])
 def test_prepared_rows_equal_packing_every_document_at_once(tmp_path, monkeypatch, parallel):
     """Batches of 3 documents (rows straddle the batches, empty documents included), tokenized in
-    one process or in parallel processes: the rows, segment ids and bytes per token equal the
-    in-memory packing exactly, and come back as read-only memory maps."""
+    this process or in two forked ones (from a process whose JAX runtime has not started, as
+    `hamjax prepare`): the rows, segment ids and bytes per token equal the in-memory packing
+    exactly, and come back as read-only memory maps."""
     source = str(write_corpus(tmp_path / "corpus", 40))
     monkeypatch.setattr(prepared, "BATCH_DOCUMENTS", 3)
-    monkeypatch.setattr(prepared, "PARALLEL_FROM", 1 if parallel else 10**9)
+    if parallel:
+        subprocess.run([sys.executable, "-c", PREPARE_IN_PROCESSES, source, str(tmp_path / "cache")], check=True,
+                       capture_output=True, timeout=300)
+        monkeypatch.setattr(prepared, "_build", None)  # the folder must be there already
     corpus = prepared.prepare_corpus(source, data.ByteTokenizer(), seq_len=63, validation_fraction=0.2,
                                      cache_dir=tmp_path / "cache")
     train, validation, bytes_per_token = in_memory(source, data.ByteTokenizer(), 63, 0.2)

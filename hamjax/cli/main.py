@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from hamjax.cli.flags import add_config_flags, config_from_flags
@@ -63,7 +64,7 @@ def _prepare(args) -> int:
     folder = prepared_folder(d.source, d.tokenizer, seq_len=d.seq_len, validation_fraction=d.validation_fraction,
                              text_field=d.text_field, cache_dir=d.cache_dir or None)
     done = (folder / "meta.json").exists()
-    corpus = load_corpus(config, progress=not args.quiet)
+    corpus = load_corpus(config, progress=not args.quiet, processes=args.processes)
     print(f"{'already prepared' if done else 'prepared'} {folder}: {len(corpus.train.tokens):,} train and "
           f"{len(corpus.validation.tokens):,} validation rows of {d.seq_len + 1} tokens")
     return 0
@@ -139,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     prepare = commands.add_parser("prepare", help="tokenize and pack a run's corpus on disk (train does it too)")
     add_config_flags(prepare)
     prepare.add_argument("--quiet", action="store_true", help="no progress bars")
+    prepare.add_argument("--processes", type=int, default=min(8, os.cpu_count() or 1),
+                         help="tokenizing processes (default: the cores, at most 8)")
     prepare.set_defaults(run=_prepare)
     evaluate = commands.add_parser("eval", help="validation loss and KV fraction of a checkpoint")
     evaluate.add_argument("--run_dir", required=True, help="the run folder written by `hamjax train`")

@@ -2,7 +2,7 @@
 the rows it reads, whatever the corpus's size.
 
 Preparing: documents through `datasets` (`load_documents`), split by document, tokenized with
-`Dataset.map` (batched; in parallel processes for large corpora) into Arrow files, then packed
+`Dataset.map` (batched; in parallel processes on request) into Arrow files, then packed
 (exactly as `pack_documents` packs the whole list) into rows of seq_len + 1 tokens written as NumPy
 .npy files: fixed-size int32 rows, which a memory map reads by row number with no decoding. The
 folder is named by a fingerprint of everything the rows depend on (the source's files, their sizes
@@ -33,7 +33,6 @@ from hamjax.ops.validation import check_positive_int
 
 FORMAT_VERSION = 1
 BATCH_DOCUMENTS = 32  # documents per batch through tokenization, its Arrow writer and packing
-PARALLEL_FROM = 4096  # documents from which tokenization runs in parallel processes
 SPLITS = ("train", "validation")
 TOKENIZED = datasets.Features({"tokens": datasets.Sequence(datasets.Value("int32")), "bytes": datasets.Value("int64")})
 
@@ -87,16 +86,19 @@ def prepared_folder(
 
 def prepare_corpus(
     source: str, tokenizer: Tokenizer, *, seq_len: int, validation_fraction: float, text_field: str = "text",
-    cache_dir: str | pathlib.Path | None = None, progress: bool = False,
+    cache_dir: str | pathlib.Path | None = None, progress: bool = False, processes: int | None = None,
 ) -> Corpus:
     """`source` (see `load_documents`) split by document, tokenized and packed into rows of
     seq_len + 1 tokens (inputs row[:, :-1], targets row[:, 1:]), prepared under cache_dir (default
-    `default_cache_dir()`) unless already there -> Corpus whose rows are read-only memory maps."""
+    `default_cache_dir()`) unless already there -> Corpus whose rows are read-only memory maps.
+    processes: tokenize in that many forked processes (None: in this one). Forking a process whose
+    JAX runtime has started can deadlock, so training prepares in one process and `hamjax prepare`,
+    which starts no runtime, in several."""
     check_positive_int("seq_len", seq_len)
     folder = prepared_folder(source, tokenizer.name, seq_len=seq_len, validation_fraction=validation_fraction,
                              text_field=text_field, cache_dir=cache_dir)
     if not (folder / "meta.json").exists():
-        _build(folder, source, tokenizer, seq_len, validation_fraction, text_field, progress)
+        _build(folder, source, tokenizer, seq_len, validation_fraction, text_field, progress, processes)
     return open_prepared(folder)
 
 
@@ -111,7 +113,7 @@ def open_prepared(folder: str | pathlib.Path) -> Corpus:
     return Corpus(rows["train"], rows["validation"], meta["bytes"] / meta["tokens"], meta["vocab_size"])
 
 
-def _build(folder, source, tokenizer, seq_len, validation_fraction, text_field, progress) -> None:
+def _build(folder, source, tokenizer, seq_len, validation_fraction, text_field, progress, processes) -> None:
     documents = load_documents(source, text_field)
     work = folder.with_name(f"{folder.name}.partial-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
@@ -124,7 +126,7 @@ def _build(folder, source, tokenizer, seq_len, validation_fraction, text_field, 
                 functools.partial(_encode, tokenizer), batched=True, batch_size=BATCH_DOCUMENTS,
                 writer_batch_size=BATCH_DOCUMENTS, remove_columns=["text"], features=TOKENIZED,
                 cache_file_name=str(work / f"{split}.arrow"),
-                new_fingerprint=f"{folder.name}-{split}", num_proc=_processes(len(index)),
+                new_fingerprint=f"{folder.name}-{split}", num_proc=processes if len(index) > 1 else None,
                 desc=f"tokenizing the {split} split",
             )
             meta["bytes"] += int(pc.sum(tokenized.data.column("bytes")).as_py() or 0)
@@ -144,10 +146,6 @@ def _build(folder, source, tokenizer, seq_len, validation_fraction, text_field, 
 def _encode(tokenizer: Tokenizer, batch: dict) -> dict:
     texts = batch["text"]
     return {"tokens": tokenizer.encode_batch(texts), "bytes": [len(text.encode("utf-8")) for text in texts]}
-
-
-def _processes(n_documents: int) -> int | None:
-    return min(8, os.cpu_count() or 1) if n_documents >= PARALLEL_FROM else None
 
 
 def _write_rows(tokenized: datasets.Dataset, row_length: int, prefix: pathlib.Path, split: str, progress: bool):

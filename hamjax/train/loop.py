@@ -34,6 +34,7 @@ from hamjax.train.step_log import StepLog
 from hamjax.train.train_batches import training_batches
 from hamjax.train.writers import MetricWriters
 
+
 class Evaluation(NamedTuple):
     """Mean loss (nats per token) and bits per byte over the scored targets, KV fraction per HAM
     layer, scored targets; with recall_ngram, the same split into recall hits (hit_*) and the rest
@@ -64,9 +65,9 @@ class RunSummary(NamedTuple):
     seconds: float
 
 
-def load_corpus(config: RunConfig, progress: bool = False) -> Corpus:
+def load_corpus(config: RunConfig, progress: bool = False, processes: int | None = None) -> Corpus:
     """The run's tokenized, packed corpus, prepared on disk unless it already is (progress bars
-    while preparing); ValueError if the tokenizer's vocabulary does not fit."""
+    and `processes` as for `prepare_corpus`); ValueError if the tokenizer's vocabulary does not fit."""
     tokenizer = load_tokenizer(config.data.tokenizer)
     if tokenizer.vocab_size > config.model.vocab_size:
         raise ValueError(
@@ -86,6 +87,7 @@ def load_corpus(config: RunConfig, progress: bool = False) -> Corpus:
         text_field=config.data.text_field,
         cache_dir=config.data.cache_dir or None,
         progress=progress,
+        processes=processes,
     )
 
 
