@@ -1,5 +1,5 @@
-"""Training: configs and presets, the Optax optimizer, the jitted steps, Orbax checkpoints, metrics
-and the loop."""
+"""Training: configs and presets, the Optax optimizer, the jitted steps, Orbax checkpoints, metrics,
+the loop, and sweeps of several runs in one program."""
 
 from hamjax.train.checkpoint import Checkpoints
 from hamjax.train.config import PRESETS, DataConfig, RunConfig, TrainConfig, preset
@@ -14,6 +14,7 @@ from hamjax.train.step import (
     train_step,
 )
 from hamjax.train.step_log import NonFiniteLoss
+from hamjax.train.sweep import Sweep
 
 __all__ = [
     "PRESETS",
@@ -25,6 +26,7 @@ __all__ = [
     "RunConfig",
     "RunSummary",
     "StepMetrics",
+    "Sweep",
     "TrainConfig",
     "bits_per_byte",
     "evaluate",

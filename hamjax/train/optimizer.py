@@ -35,7 +35,7 @@ def weight_decay_mask(model: nnx.Module) -> nnx.State:
 
 
 # The TrainConfig fields the transformation depends on; the learning rate goes into its state.
-_SETTINGS = ("steps", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip_norm")
+TRANSFORMATION_FIELDS = ("steps", "warmup_steps", "min_lr_ratio", "weight_decay", "beta1", "beta2", "clip_norm")
 
 
 def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
@@ -48,7 +48,7 @@ def make_optimizer(model: nnx.Module, config: TrainConfig) -> nnx.Optimizer:
     train step instead of compiling it again.
     """
     leaves, treedef = jax.tree.flatten(weight_decay_mask(model))
-    settings = {name: getattr(config, name) for name in _SETTINGS}
+    settings = {name: getattr(config, name) for name in TRANSFORMATION_FIELDS}
     optimizer = nnx.Optimizer(model, _transformation(TrainConfig(**settings), treedef, tuple(leaves)), wrt=nnx.Param)
     # Found by name (optax.tree_utils), not by its place in the chain's state.
     optax.tree_utils.tree_get(optimizer.opt_state, "peak")[...] = jnp.asarray(config.learning_rate, jnp.float32)

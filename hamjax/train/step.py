@@ -150,16 +150,22 @@ class MeshSteps:
         return self._eval(nnx.state(self.objects), rows, segment_ids, valid_rows, hits)
 
 
-def state_train_step(graphdef):
-    """train_step as a pure function of the (model, optimizer) state of `graphdef`:
-    (state, rows, segment_ids) -> (updated state, StepMetrics), for jax.jit and lowering."""
+def pure_step(update, graphdef):
+    """update(model, optimizer, *batch) -> StepMetrics (the body of train_step or recall_train_step)
+    as a pure function of the (model, optimizer) state of `graphdef`: (state, *batch) -> (updated
+    state, StepMetrics), for jax.jit, jax.vmap and lowering."""
 
-    def step(state, rows, segment_ids):
+    def step(state, *batch):
         model, optimizer = nnx.merge(graphdef, state)
-        metrics = _train_update(model, optimizer, rows, segment_ids)
+        metrics = update(model, optimizer, *batch)
         return nnx.state((model, optimizer)), metrics
 
     return step
+
+
+def state_train_step(graphdef):
+    """train_step as a pure function: (state, rows, segment_ids) -> (updated state, StepMetrics)."""
+    return pure_step(_train_update, graphdef)
 
 
 @functools.lru_cache(maxsize=8)
@@ -194,12 +200,11 @@ def _recall_loss_sum(model: LanguageModel, inputs, targets):
     return jnp.sum(jnp.where(scored, losses, 0.0)), (logits, stats)
 
 
-@nnx.jit
-def recall_train_step(model: LanguageModel, optimizer: nnx.Optimizer, inputs, targets) -> StepMetrics:
-    """inputs [B, T] int32 and targets [B, T] int32 (the token to predict after inputs[t], IGNORE_INDEX
-    where unscored): the mean cross-entropy over the scored targets, one optimizer update, then one
-    controller step per HAM layer from the batch's fraction of tokens over tau, as train_step. StepMetrics.tokens
-    counts the scored targets."""
+def _recall_update(model: LanguageModel, optimizer: nnx.Optimizer, inputs, targets) -> StepMetrics:
+    """The body of recall_train_step. inputs [B, T] int32 and targets [B, T] int32 (the token to
+    predict after inputs[t], IGNORE_INDEX where unscored): the mean cross-entropy over the scored
+    targets, one optimizer update, then one controller step per HAM layer from the batch's fraction
+    of tokens over tau, as train_step. StepMetrics.tokens counts the scored targets."""
     scored = jnp.sum(targets != IGNORE_INDEX)
     scale = 1.0 / jnp.maximum(scored, 1)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -212,6 +217,14 @@ def recall_train_step(model: LanguageModel, optimizer: nnx.Optimizer, inputs, ta
     return _apply_update(
         model, optimizer, grads, loss_value, scored, stats.kv_fraction, model.controller_signal(stats)
     )
+
+
+recall_train_step = nnx.jit(_recall_update)
+
+
+def state_recall_step(graphdef):
+    """recall_train_step as a pure function: (state, inputs, targets) -> (updated state, StepMetrics)."""
+    return pure_step(_recall_update, graphdef)
 
 
 @nnx.jit
