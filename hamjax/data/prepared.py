@@ -91,7 +91,7 @@ def prepare_corpus(
     """`source` (see `load_documents`) split by document, tokenized and packed into rows of
     seq_len + 1 tokens (inputs row[:, :-1], targets row[:, 1:]), prepared under cache_dir (default
     `default_cache_dir()`) unless already there -> Corpus whose rows are read-only memory maps.
-    processes: tokenize in that many forked processes (None: in this one). Forking a process whose
+    processes: tokenize in that many forked processes (None or 1: in this one). Forking a process whose
     JAX runtime has started can deadlock, so training prepares in one process and `hamjax prepare`,
     which starts no runtime, in several."""
     check_positive_int("seq_len", seq_len)
@@ -120,13 +120,14 @@ def _build(folder, source, tokenizer, seq_len, validation_fraction, text_field, 
     work.mkdir(parents=True)
     meta = {"source": source, "tokenizer": tokenizer.name, "vocab_size": tokenizer.vocab_size, "seq_len": seq_len,
             "validation_fraction": validation_fraction, "bytes": 0, "tokens": 0}
+    forks = processes if processes and processes > 1 else None  # datasets forks even for num_proc=1
     try:
         for split, index in zip(SPLITS, split_documents(len(documents), validation_fraction)):
             tokenized = documents.select(index).map(
                 functools.partial(_encode, tokenizer), batched=True, batch_size=BATCH_DOCUMENTS,
                 writer_batch_size=BATCH_DOCUMENTS, remove_columns=["text"], features=TOKENIZED,
                 cache_file_name=str(work / f"{split}.arrow"),
-                new_fingerprint=f"{folder.name}-{split}", num_proc=processes if len(index) > 1 else None,
+                new_fingerprint=f"{folder.name}-{split}", num_proc=forks if len(index) > 1 else None,
                 desc=f"tokenizing the {split} split",
             )
             meta["bytes"] += int(pc.sum(tokenized.data.column("bytes")).as_py() or 0)

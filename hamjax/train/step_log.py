@@ -35,7 +35,8 @@ class StepLog:
         self.checkpoint_message = checkpoint_message
         self.pending: list[tuple[int, StepMetrics]] = []
         self.fetches = 0
-        self.measured_steps = self.measured_tokens = self.measured_seconds = 0  # over the fetches after the first (which compiles)
+        # Over the fetches after the first (which compiles):
+        self.measured_steps = self.measured_tokens = self.measured_seconds = 0
         self.restart_clock()
 
     def restart_clock(self) -> None:
