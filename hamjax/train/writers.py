@@ -63,11 +63,12 @@ class MetricWriters:
     def write(self, record: dict) -> None:
         """One metrics record: {"kind": "train" or "eval", "step": int, field: number or list}."""
         self.jsonl.write(record)
+        named = scalars(record) if self.tensorboard is not None or self.wandb is not None else {}
         if self.tensorboard is not None:
-            for name, value in scalars(record).items():
+            for name, value in named.items():
                 self.tensorboard.add_scalar(name, value, record["step"])
         if self.wandb is not None:
-            self.wandb.log(scalars(record), step=record["step"])
+            self.wandb.log(named, step=record["step"])
 
     def close(self) -> None:
         if self.tensorboard is not None:
