@@ -83,10 +83,12 @@ def test_batched_prompts_equal_one_at_a_time(pattern):
     assert len(set(map(tuple, np.asarray(batch.tokens)))) > 1  # the rows really differ
 
 
-@pytest.mark.parametrize("pattern", ["ham", "gdn,swa", "attention"])
-def test_padded_prefill_logits_equal_the_full_forward(pattern):
-    """The logits after each left-padded prompt == the last logits of a plain forward pass over it."""
-    model = model_for(pattern)
+@pytest.mark.parametrize("pattern, options", [("ham", {}), ("gdn,swa", {}), ("attention", {}),
+                                              ("attention", dict(attention_conv=True))])
+def test_padded_prefill_logits_equal_the_full_forward(pattern, options):
+    """The logits after each left-padded prompt == the last logits of a plain forward pass over it
+    (a short conv before attention skips the padding too)."""
+    model = model_for(pattern, **options)
     tokens, valid = pad_prompts(PROMPTS, VOCAB, 24)
     cache = start_cache(model, valid, 24)
     logits, _, _ = nnx.jit(prefill)(model, tokens, valid, cache)
@@ -267,6 +269,15 @@ def test_cache_memory_counts_entries_and_bytes():
     # A full-attention layer holds every token: its bytes held are what the report compares with.
     assert layers[1].entries == context * HEADS
     assert layers[1].used_bytes == layers[1].full_attention_bytes == context * HEADS * (2 * KEY_DIM * 4 + 4)
+    assert layers[1].state_bytes == 0
+
+
+def test_cache_memory_counts_an_attention_conv_as_state_not_as_entries():
+    model = model_for("attention", attention_conv=True)
+    width = model.config.conv_width
+    for layer in cache_memory(model, model.init_cache(1, 16), context=0):
+        assert layer.entry_bytes == 2 * KEY_DIM * 4 + 4 and layer.entries == 0
+        assert layer.state_bytes == (width - 1) * 3 * HEADS * KEY_DIM * 4
 
 
 # --- bad input -------------------------------------------------------------------------------------

@@ -66,14 +66,16 @@ def forward(model, tokens, segment_ids):
     return model(tokens, segment_ids=segment_ids)
 
 
-_models: dict[str, LanguageModel] = {}
+_models: dict[tuple, LanguageModel] = {}
 
 
-def model_for(pattern: str) -> LanguageModel:
-    """One model per pattern for the whole module (never mutated: tests that change state clone it)."""
-    if pattern not in _models:
-        _models[pattern] = LanguageModel(config(pattern), rngs=nnx.Rngs(0))
-    return _models[pattern]
+def model_for(pattern: str, **kwargs) -> LanguageModel:
+    """One model per pattern and config kwargs for the whole module (never mutated: tests that change
+    state clone it)."""
+    key = (pattern, tuple(sorted(kwargs.items())))
+    if key not in _models:
+        _models[key] = LanguageModel(config(pattern, **kwargs), rngs=nnx.Rngs(0))
+    return _models[key]
 
 
 # --- every block pattern ---------------------------------------------------------------------------
@@ -144,9 +146,13 @@ def test_model_equals_manual_composition(tie_embeddings):
 # --- packed documents ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("pattern", ["gdn", "attention", "swa", "gdn,swa"])
-def test_packed_documents_equal_separate_runs(pattern):
-    logits, _ = forward(model_for(pattern), TOKENS, SEGMENT_IDS)
+CONV_ATTENTION = dict(attention_conv=True)  # attention and sliding-window layers with a short conv
+
+
+@pytest.mark.parametrize("pattern, options", [("gdn", {}), ("attention", {}), ("swa", {}), ("gdn,swa", {}),
+                                              ("attention,swa", CONV_ATTENTION)])
+def test_packed_documents_equal_separate_runs(pattern, options):
+    logits, _ = forward(model_for(pattern, **options), TOKENS, SEGMENT_IDS)
     a_packed, a_alone, b_packed, b_alone = split_logits(logits)
     assert rel_rms(a_packed, a_alone) <= TOL
     assert rel_rms(b_packed, b_alone) <= TOL, f"{pattern}: doc B sees doc A across the boundary"
@@ -358,11 +364,12 @@ def extend(model, tokens, cache):
     return model.extend(tokens, cache)
 
 
-@pytest.mark.parametrize("pattern", ["ham", "gdn", "attention", "swa", "gdn,swa", "ham,attention"])
-def test_prefill_then_steps_equal_the_full_forward(pattern):
+@pytest.mark.parametrize("pattern, options", [("ham", {}), ("gdn", {}), ("attention", {}), ("swa", {}), ("gdn,swa", {}),
+                                              ("ham,attention", {}), ("attention,swa", CONV_ATTENTION)])
+def test_prefill_then_steps_equal_the_full_forward(pattern, options):
     """Logits of one pass over a row == a prefill of its first tokens, then one token at a time
     (the recurrent forms, the attention caches wrapping their window), for every block kind."""
-    model = nnx.clone(model_for(pattern))
+    model = nnx.clone(model_for(pattern, **options))
     tokens = TOKENS[1:2]  # one document of T tokens, no segments
     for i, layer in enumerate(model.ham_layers):  # tau away from every score: no rounding ties
         set_tau(layer, tau_in_gap(forward_by_layer(model, tokens, None)[1][i].scores))

@@ -24,8 +24,8 @@ VALID[1, [0, 9]] = False  # row 1's first query sees no key
 
 
 @functools.cache
-def make_layer(window=None, rope_theta=10000.0):
-    return Attention(D, H, K, window=window, rope_theta=rope_theta, rngs=nnx.Rngs(0))
+def make_layer(window=None, rope_theta=10000.0, conv_width=None):
+    return Attention(D, H, K, window=window, rope_theta=rope_theta, conv_width=conv_width, rngs=nnx.Rngs(0))
 
 
 @nnx.jit
@@ -37,15 +37,36 @@ def run(layer, x, segment_ids, valid):
 
 
 def kernels(layer):
-    return {name: np.asarray(getattr(layer, name).kernel[...], np.float64) for name in PROJECTIONS}
+    """The four projection kernels, and the conv's weight [W, 3HK] under "conv" when it has one."""
+    params = {name: np.asarray(getattr(layer, name).kernel[...], np.float64) for name in PROJECTIONS}
+    return params if layer.conv is None else {**params, "conv": np.asarray(layer.conv.weight[...], np.float64)}
 
 
-def attention_oracle(params, x, *, window=None, rope_theta=10000.0, segment_ids=None, valid=None):
-    """float64: project with `params` (the four kernels), rotate q and k at positions 0..T-1, then a
-    masked softmax per query over the keys j with t - window < j <= t, same segment, valid."""
+def conv_oracle(x, weight, segment_ids, valid):
+    """x [B, T, C], weight [W, C] float64: each valid token's output is sum_m weight[W-1-m] times
+    the m-th valid token before it (m = 0: itself) in its own segment (a run of equal ids)."""
+    batch, t, _ = x.shape
+    runs = np.cumsum(np.diff(segment_ids, axis=1, prepend=segment_ids[:, :1] - 1) != 0, axis=1)
+    y = np.zeros_like(x)
+    for b in range(batch):
+        for i in range(t):
+            earlier = [j for j in range(i + 1) if valid[b, j] and runs[b, j] == runs[b, i]][::-1]
+            y[b, i] = sum(weight[len(weight) - 1 - m] * x[b, j] for m, j in enumerate(earlier[: len(weight)]))
+    return y
+
+
+def attention_oracle(params, x, *, window=None, rope_theta=10000.0, conv_width=None, segment_ids=None, valid=None):
+    """float64: project with `params` (the four kernels), convolve q | k | v with params["conv"]
+    when conv_width is given, rotate q and k at positions 0..T-1, then a masked softmax per query
+    over the keys j with t - window < j <= t, same segment, valid."""
     x = np.asarray(x, np.float64)
     batch, t, _ = x.shape
-    q, k, v = (np.reshape(x @ params[name], (batch, t, H, K)) for name in PROJECTIONS[:3])
+    q, k, v = (x @ params[name] for name in PROJECTIONS[:3])
+    if conv_width is not None:
+        ids = np.zeros((batch, t), np.int32) if segment_ids is None else np.asarray(segment_ids)
+        ok = np.ones((batch, t), bool) if valid is None else np.asarray(valid, bool)
+        q, k, v = np.split(conv_oracle(np.concatenate([q, k, v], axis=-1), params["conv"], ids, ok), 3, axis=-1)
+    q, k, v = (np.reshape(a, (batch, t, H, K)) for a in (q, k, v))
     pos = np.arange(t)
     q, k = (rope_reference(a, pos[:, None], rope_theta) for a in (q, k))
     visible = pos[None, :] <= pos[:, None]  # [query, key]
@@ -68,6 +89,8 @@ LAYERS = {
     "window_T": dict(window=T),
     "window_over_T": dict(window=T + 5),
     "no_rope": dict(rope_theta=None),
+    "conv": dict(conv_width=4),
+    "conv_window3": dict(window=3, conv_width=2),
 }
 INPUTS = {
     "plain": dict(),
@@ -118,12 +141,14 @@ def test_parameters():
     shapes = {".".join(map(str, path)): v.shape for path, v in nnx.to_flat_state(nnx.state(layer, nnx.Param))}
     expected = {f"{name}.kernel": (D, H * K) for name in PROJECTIONS[:3]}
     assert shapes == {**expected, "out_proj.kernel": (H * K, D)}
+    shapes = {".".join(map(str, path)): v.shape for path, v in nnx.to_flat_state(nnx.state(make_layer(conv_width=4), nnx.Param))}
+    assert shapes == {**expected, "out_proj.kernel": (H * K, D), "conv.weight": (4, 3 * H * K)}
 
 
 def test_gradients_match_finite_differences_of_the_oracle():
     """Every parameter's gradient is finite, nonzero, and its derivative along a random direction
     equals the float64 oracle's central difference."""
-    config = dict(window=3)
+    config = dict(window=3, conv_width=3)
     layer, x = make_layer(**config), normal(5, (B, T, D))
     co = normal(6, (B, T, D)) * VALID[..., None]  # outputs at padding are ignored
 
@@ -137,8 +162,8 @@ def test_gradients_match_finite_differences_of_the_oracle():
         attention_oracle(p, x, segment_ids=SEGMENT_IDS, valid=VALID, **config) * np.asarray(co, np.float64)
     )
     rng, eps = np.random.default_rng(7), 1e-5
-    for name in PROJECTIONS:
-        g = np.asarray(getattr(grads, name).kernel[...], np.float64)
+    for name in (*PROJECTIONS, "conv"):
+        g = np.asarray(grads.conv.weight[...] if name == "conv" else getattr(grads, name).kernel[...], np.float64)
         assert np.isfinite(g).all() and np.any(g), name
         u = rng.standard_normal(g.shape)
         shifted = lambda s: oracle_loss({**params, name: params[name] + s * u})  # noqa: E731
@@ -200,7 +225,8 @@ def run_cached(layer, x, cache, valid):
     return layer(x, cache=cache, valid=valid)[:2]
 
 
-CACHE_LAYERS = {"full": {}, "window 3": dict(window=3), "window 1": dict(window=1)}
+CACHE_LAYERS = {"full": {}, "window 3": dict(window=3), "window 1": dict(window=1), "conv": dict(conv_width=4),
+                "window 3 conv": dict(window=3, conv_width=3)}
 
 
 @pytest.mark.parametrize("config", CACHE_LAYERS.values(), ids=list(CACHE_LAYERS))

@@ -77,6 +77,7 @@ def fill_attention(cache: AttentionCache, context: int, rng) -> AttentionCache:
         values=jnp.asarray(rng.standard_normal((batch, heads, slots, dim), dtype=np.float32)),
         positions=jnp.asarray(np.broadcast_to(positions, (batch, heads, slots))),
         position=jnp.full((batch,), context, jnp.int32),
+        conv=None if cache.conv is None else random_conv(rng, cache.conv.shape),
     )
 
 

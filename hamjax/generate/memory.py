@@ -43,14 +43,9 @@ def _bytes(arrays, leading: int) -> int:
     return sum(int(np.prod(a.shape[leading:])) * a.dtype.itemsize for a in arrays)
 
 
-def _slot_arrays(kv) -> tuple:
-    """The [B, H, S, ...] arrays of an ops.KVCache or an nn AttentionCache."""
-    return tuple(a for a in kv if a.ndim >= 3)
-
-
 def kv_entry_bytes(key_dim: int, value_dim: int, dtype=jnp.float32) -> int:
     """Bytes of one HAM KV-cache entry (ops.KVCache: key and value in `dtype`, int32 position, fp32 score)."""
-    return _bytes(_slot_arrays(jax.eval_shape(lambda: ops.init_kv_cache(1, 1, 1, key_dim, value_dim, dtype))), 3)
+    return _bytes(jax.eval_shape(lambda: ops.init_kv_cache(1, 1, 1, key_dim, value_dim, dtype)).slot_arrays, 3)
 
 
 def cache_memory(model: LanguageModel, cache: ModelCache, context: int, row: int = 0) -> list[LayerMemory]:
@@ -67,8 +62,9 @@ def cache_memory(model: LanguageModel, cache: ModelCache, context: int, row: int
             kv, entries = layer.ham.cache, int(jnp.sum(layer.ham.cache.count[row]))
             state = _bytes((layer.ham.rnn, layer.conv), 1)
         else:
-            kv, entries, state = layer, int(jnp.sum(layer.occupied[row])), 0
+            kv, entries = layer, int(jnp.sum(layer.occupied[row]))
+            state = 0 if layer.conv is None else _bytes((layer.conv,), 1)
         slots = kv.keys.shape[2] * c.heads
-        entry = _bytes(_slot_arrays(kv), 3)
+        entry = _bytes(kv.slot_arrays, 3)
         layers.append(LayerMemory(kind, entries, slots, entry, slots * entry, state, full, str(kv.keys.dtype)))
     return layers

@@ -37,7 +37,9 @@ class ModelConfig:
     tau_freeze_steps, within [tau_min, tau_max]; tau_per_head: one tau per head instead of per layer).
     mlp_hidden None: 8/3 d_model rounded up to a multiple of 32. ham_attention: "compacted"
     (blockwise over a buffer of the admitted tokens: the fastest, by `hamjax bench` packed_step)
-    or "dense" (the T x T reference). dtype: the activations and matmul inputs ("float32" or
+    or "dense" (the T x T reference). conv_width: the short causal convolution of GDN and HAM over
+    their q, k, v; attention_conv: attention and sliding-window layers get one too (off: a plain
+    Transformer; on: Zoology's stronger attention baseline). dtype: the activations and matmul inputs ("float32" or
     "bfloat16"); param_dtype: the weights' storage ("float32"); cache_dtype: the keys and values of
     the HAM and attention KV caches, in training and decoding (None: dtype's; "bfloat16" halves
     their bytes; `kv_cache_dtype` resolves it). The precision policy in the README says what stays
@@ -65,6 +67,7 @@ class ModelConfig:
     ham_attention: str = "compacted"
     rope_theta: float | None = 10000.0
     conv_width: int = 4
+    attention_conv: bool = False
     chunk_size: int = 64
     tie_embeddings: bool = True
     remat: bool = False
@@ -165,8 +168,8 @@ def make_mixer(kind: str, config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
         )
     window = c.window if kind == "swa" else None
     return Attention(
-        c.d_model, c.heads, c.key_dim, window=window, rope_theta=c.rope_theta, cache_dtype=c.kv_cache_dtype,
-        rngs=rngs, **dtypes,
+        c.d_model, c.heads, c.key_dim, window=window, rope_theta=c.rope_theta,
+        conv_width=c.conv_width if c.attention_conv else None, cache_dtype=c.kv_cache_dtype, rngs=rngs, **dtypes,
     )
 
 

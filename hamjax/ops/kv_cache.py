@@ -29,6 +29,11 @@ class KVCache(NamedTuple):
         return self.keys.shape[2]
 
     @property
+    def slot_arrays(self) -> tuple[jax.Array, ...]:
+        """keys, values, positions, scores: the arrays with a [B, H, C] entry per slot."""
+        return self.keys, self.values, self.positions, self.scores
+
+    @property
     def occupied(self) -> jax.Array:
         """[B, H, C] bool: which slots hold an entry."""
         return jnp.arange(self.capacity) < self.count[..., None]

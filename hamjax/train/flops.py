@@ -29,13 +29,14 @@ def forward_flops_per_token(config: ModelConfig, seq_len: int) -> dict[str, int]
     d, h, k, v = c.d_model, c.heads, c.key_dim, c.value_dim
     counts = {"mlp": 0, "mixer_projections": 0, "delta_rule": 0, "attention": 0, "lm_head": 2 * d * c.vocab_size}
     delta_projections = 2 * d * h * (2 * k + v) + 2 * d * h * (v + 2) + 2 * h * v * d + 2 * c.conv_width * h * (2 * k + v)
+    attention_projections = 2 * d * 3 * h * k + 2 * h * k * d + (2 * c.conv_width * 3 * h * k if c.attention_conv else 0)
     for kind in c.mixers:
         counts["mlp"] += 2 * 3 * d * c.mlp_width
         if kind in ("ham", "gdn"):
             counts["mixer_projections"] += delta_projections
             counts["delta_rule"] += delta_rule_flops(h, k, v, min(c.chunk_size, seq_len))
         else:
-            counts["mixer_projections"] += 2 * d * 3 * h * k + 2 * h * k * d
+            counts["mixer_projections"] += attention_projections
         keys = {"ham": min(c.capacity, seq_len), "gdn": 0, "attention": seq_len, "swa": min(c.window, seq_len)}[kind]
         counts["attention"] += 2 * h * keys * (k + (v if kind == "ham" else k))
     return counts
