@@ -2,12 +2,12 @@
 recall_evaluate): `--quick` writes its results and plot; the step's loss, update and thresholds
 equal slow, obviously correct computations.
 
-The step tests use the quick run's Transformer and HAM configs and batch shapes, so that they reuse
-its compiled steps (the compilations are most of this file's time)."""
+The step tests use the quick run's Transformer and HAM configs and batch shapes (the quick run
+trains them as sweeps, so the one-run steps compile here again)."""
 
 from __future__ import annotations
 
-import types
+import json
 
 import jax
 import jax.numpy as jnp
@@ -34,16 +34,17 @@ def quick(tmp_path_factory):
     return experiment_scripts.run_quick(mqar, tmp_path_factory.mktemp("mqar"))
 
 
-def test_quick_run_writes_every_run_the_best_and_a_plot(quick):
+def test_quick_run_writes_every_seed_of_every_sweep_the_best_and_a_plot(quick):
     path, record = quick
     assert path.with_suffix(".png").stat().st_size > 0
     names = [m["name"] for m in mqar.models(QUICK)]
     assert record["quick"] is True and record["setting"]["tasks"] == [list(t) for t in QUICK.tasks]
-    assert len(record["runs"]) == len(QUICK.tasks) * len(names) * len(QUICK.learning_rates)
+    runs_per_sweep = len(QUICK.learning_rates) * len(QUICK.seeds)
+    assert len(record["runs"]) == len(QUICK.tasks) * len(names) * runs_per_sweep
     for run in record["runs"]:
-        assert run["model"] in names and 0.0 <= run["accuracy"] <= 1.0 and run["seconds"] > 0
+        assert run["model"] in names and 0.0 <= run["accuracy"] <= 1.0 and run["sweep_seconds"] > 0
         assert 1 <= run["steps"] <= QUICK.steps and run["history"][-1]["step"] == run["steps"]
-        assert run["learning_rate"] in QUICK.learning_rates
+        assert run["learning_rate"] in QUICK.learning_rates and run["seed"] in QUICK.seeds
         layers = run["kv_fraction_per_layer"]
         assert len(layers) == 2 and run["kv_fraction"] == pytest.approx(np.mean(layers))
         if run["pattern"] == "ham,ham":
@@ -51,24 +52,64 @@ def test_quick_run_writes_every_run_the_best_and_a_plot(quick):
             assert all(0.0 <= f <= 1.0 for f in layers)
         else:
             assert run["ham_kv_fraction"] == [] and layers == [1.0, 1.0]  # the quick baseline: a Transformer
+    # The seeds start from different parameters, so their held-out losses differ.
+    first = [r for r in record["runs"] if r["model"] == "Transformer" and mqar.task_key(r) == QUICK.tasks[0]]
+    assert len({r["eval_loss"] for r in first}) == len(QUICK.seeds)
     best = {(b["model"], b["task"]["seq_len"], b["task"]["num_pairs"]) for b in record["best"]}
     assert best == {(name, t, n) for name in names for t, n in QUICK.tasks}
     table = mqar.summary(record)
     assert len(table.splitlines()) == 2 + len(best) and "| HAM 0.25 |" in table
 
 
-def test_the_sweep_continues_a_solved_run_else_the_lowest_loss_and_reports_the_best_accuracy():
-    run = lambda loss, accuracy: types.SimpleNamespace(solved=accuracy >= mqar.STOP_ACCURACY, last=dict(loss=loss))
-    low, solved = run(0.5, 0.6), run(0.9, 0.995)
-    assert mqar.choose([run(1.0, 0.7), low]) is low
-    assert mqar.choose([low, solved]) is solved
-    task = dict(seq_len=64, num_pairs=8)
-    record = lambda lr, accuracy, loss: dict(
-        model="GDN", kv_target=None, task=task, learning_rate=lr, accuracy=accuracy, eval_loss=loss, kv_fraction=0.0,
-        kv_fraction_per_layer=[0.0, 0.0], steps=10, solved=False, seconds=2.0,
-    )
-    (best,) = mqar.best_runs([record(1e-3, 0.5, 1.0), record(1e-2, 0.7, 2.0), record(3e-2, 0.7, 1.5)])
-    assert best["learning_rate"] == 3e-2 and best["sweep_seconds"] == 6.0
+def test_best_runs_takes_the_learning_rate_with_the_best_mean_accuracy_over_seeds():
+    def run(lr, seed, accuracy, loss):
+        return dict(
+            model="GDN", kv_target=None, task=dict(seq_len=64, num_pairs=8, vocab_size=64), learning_rate=lr,
+            seed=seed, accuracy=accuracy, eval_loss=loss, kv_fraction=0.0, steps=10, solved_at=None,
+            sweep_seconds=6.0,
+        )
+    runs = [run(1e-3, 0, 1.0, 0.1), run(1e-3, 1, 0.2, 3.0),  # mean 0.6: one seed solved
+            run(1e-2, 0, 0.7, 1.0), run(1e-2, 1, 0.7, 1.2)]  # mean 0.7: none solved
+    (best,) = mqar.best_runs(runs)
+    assert best["learning_rate"] == 1e-2 and best["seeds"] == [0, 1] and best["solved"] == 0
+    assert best["accuracy"] == pytest.approx(0.7) and best["accuracy_std"] == pytest.approx(0.0)
+    assert best["eval_loss"] == pytest.approx(1.1) and best["sweep_seconds"] == 6.0
+    (best,) = mqar.best_runs(runs[:2])
+    assert best["solved"] == 1 and (best["accuracy_min"], best["accuracy_max"]) == (0.2, 1.0)
+    assert best["accuracy_std"] == pytest.approx(0.4)
+
+
+def test_a_second_run_trains_only_the_sweeps_its_results_file_lacks(quick, tmp_path, monkeypatch):
+    path, record = quick
+    first_task = [r for r in record["runs"] if mqar.task_key(r) == QUICK.tasks[0]]
+    partial = tmp_path / "partial.json"
+    partial.write_text(json.dumps(dict(record, runs=first_task)))
+    trained = []
+
+    def fake_sweep(spec, task, setting, bar):
+        trained.append((spec["name"], task.seq_len, task.num_pairs))
+        return [r for r in record["runs"] if r["model"] == spec["name"] and mqar.task_key(r) == (task.seq_len, task.num_pairs)]
+
+    monkeypatch.setattr(mqar, "train_sweep", fake_sweep)
+    resumed = mqar.main(["--quick", "--output", str(partial)])
+    assert trained == [(m["name"], *QUICK.tasks[1]) for m in mqar.models(QUICK)]
+    assert resumed["runs"] == record["runs"] and resumed["best"] == record["best"]
+    assert json.loads(partial.read_text())["runs"] == record["runs"]  # saved as each sweep ended
+    trained.clear()
+    mqar.main(["--quick", "--output", str(partial)])
+    assert trained == []
+
+
+def test_a_results_file_of_another_setting_is_refused(quick):
+    path, _ = quick
+    with pytest.raises(SystemExit, match=r"another setting \(steps: 4 -> 3\)"):
+        mqar.main(["--quick", "--steps", "3", "--output", str(path)])
+
+
+def test_a_task_is_given_as_length_and_pairs():
+    assert mqar.parse_task("128:16") == (128, 16)
+    with pytest.raises(Exception, match="a task is T:N"):
+        mqar.parse_task("128x16")
 
 
 def _setup(pattern: str, kv_target: float | None):
