@@ -180,7 +180,7 @@ class Attention(nnx.Module):
         return y, None if cache is None else cache.write(k, v, positions, valid)._replace(conv=conv), MixerStats()
 
     def _project(self, x, cache, segment_ids, valid):
-        """q, k, v [B, T, H head_dim] (convolved with a conv) and the conv's new state (None without
+        """q, k, v [B, T, H head_dim] (through the conv when the layer has one) and its new state (None without
         a conv or without a cache; a call without a cache starts the conv from zeros)."""
         q, k, v = (proj(x) for proj in (self.q_proj, self.k_proj, self.v_proj))
         if self.conv is None:
