@@ -1,5 +1,5 @@
 """hamjax.train.plot.plot_against_kv_fraction: HAM one line in order of KV fraction, baselines
-labelled points; and no module of hamjax switches matplotlib's backend."""
+labelled points whose labels stay apart; and no module of hamjax switches matplotlib's backend."""
 
 from __future__ import annotations
 
@@ -21,6 +21,15 @@ def test_ham_is_one_line_by_kv_fraction_and_baselines_are_labelled_points():
     assert (list(transformer.get_xdata()), list(transformer.get_ydata())) == ([1.0], [2.4])
     labels = [text.get_text() for text in ax.texts]
     assert labels == ["target 0.05", "target 0.25", "target 0.5", "GDN", "Transformer"]
+
+
+def test_labels_of_neighbouring_points_are_offset_apart():
+    ax = Figure().subplots()
+    ham = [(0.05, 2.14, 0.05), (0.1, 2.15, 0.1)]
+    plot_against_kv_fraction(ax, ham, [("GDN + attention", 0.25, 2.09), ("GDN + SWA", 0.25, 2.09)])
+    offsets = {text.get_text(): text.xyann for text in ax.texts}
+    assert offsets["target 0.1"][1] < 0 < offsets["target 0.05"][1]
+    assert offsets["GDN + attention"] != offsets["GDN + SWA"]
 
 
 def test_importing_hamjax_leaves_the_matplotlib_backend_alone():

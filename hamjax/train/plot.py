@@ -45,14 +45,18 @@ BASELINE_STYLES = {"Transformer": ("s", "C0"), "GDN": ("o", "C1"), "GDN + SWA": 
 def plot_against_kv_fraction(ax, ham: list[tuple[float, float, float]], baselines: list[tuple[str, float, float]]) -> None:
     """Draw a quality metric against KV fraction on a matplotlib Axes: ham holds (kv_fraction, value,
     kv_target) per HAM model, joined into one line with each point labelled by its target; baselines
-    (name, kv_fraction, value) are labelled markers (styles for the names in BASELINE_STYLES)."""
+    (name, kv_fraction, value) are labelled markers (styles for the names in BASELINE_STYLES). So that
+    labels of nearby points stay apart, HAM's alternate above and below the line, and baselines at
+    the same KV fraction stack theirs downwards in the order given."""
     ham = sorted(ham)
     if ham:
         ax.plot([f for f, _, _ in ham], [v for _, v, _ in ham], "-o", color="C3", label="HAM")
-        for f, v, target in ham:
-            ax.annotate(f"target {target:g}", (f, v), fontsize=7, textcoords="offset points", xytext=(4, -10))
-    for name, f, v in baselines:
+        for i, (f, v, target) in enumerate(ham):
+            ax.annotate(f"target {target:g}", (f, v), fontsize=7, textcoords="offset points",
+                        xytext=(4, 5 if i % 2 == 0 else -10))
+    for i, (name, f, v) in enumerate(baselines):
         marker, color = BASELINE_STYLES.get(name, ("x", "k"))
         ax.plot(f, v, marker, color=color, label=name)
-        ax.annotate(name, (f, v), fontsize=7, textcoords="offset points", xytext=(4, 4))
+        stacked = sum(other_f == f for _, other_f, _ in baselines[:i])
+        ax.annotate(name, (f, v), fontsize=7, textcoords="offset points", xytext=(4, 4 - 9 * stacked))
     ax.set_xlabel("KV fraction (mean over layers of tokens held in a KV cache)")
