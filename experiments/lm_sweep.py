@@ -3,7 +3,7 @@ overall and on the recall hits, against KV fraction, HAM across KV targets again
 GDN and hybrids of equal size.
 
     python experiments/lm_sweep.py                  # FULL, T = 128 (27 min on 2 shared cores, before the recall split)
-    python experiments/lm_sweep.py --setting long   # LONG, T = 1024, 2 seeds (hours: see below)
+    python experiments/lm_sweep.py --setting long   # LONG, T = 1024, 2 seeds (63 min on 2 quiet cores)
     python experiments/lm_sweep.py --quick          # QUICK, 1.5 min (2 compiled models, 2 seeds), for the tests
 
 Contenders, all 4 layers of the same width (d_model, heads, key and value dims), SwiGLU MLPs:
@@ -84,17 +84,13 @@ learning rate, warmup and validation split with
 - KV targets 0.05, 0.1, 0.25 and 0.5 (1 is the Transformer's fraction);
 - batch 8, 250 steps: 2.05M tokens a run, 4x FULL's 512k;
 - seeds 0 and 1: 16 runs.
-- Run time. Timing probes (training steps on random bytes at T = 1024, batch 8, with the sweep's
-  matched models, the machine's 2 cores shared with two other training jobs: load average 4.5 to
-  5.6): a step took 2.8 s (HAM 0.25; every target has the same shapes), 2.1 s (Transformer), 1.6 s
-  (GDN and GDN + attention) and 1.8 s (GDN + SWA); the first (compilation) 37 s, 12 s, 18 s, 27 s
-  and 30 s. 250 steps: about 12 minutes a HAM run, 9 the Transformer's, 7 a GDN model's; with the
-  two evaluations of each run (compiled twice, about a minute in all, estimated from FULL's) a seed
-  takes about 90 minutes under that load and the two seeds about 3 hours. On a quiet machine it
-  would be less (FULL's probes ran 2.9x slower than a quiet machine under similar load, which was
-  not measured for LONG). The run spans sessions: Ctrl-C (or the end of a session) stops it after a
-  checkpoint, and the same command resumes from its run folders under runs/lm_sweep_long; the runs
-  go seed by seed, so a stopped run already has whole comparisons at its first seeds.
+- Run time, measured: the 16 runs took 63 minutes on a quiet machine (nothing else running on its
+  2 cores), 172 to 315 s a run with its evaluations: about 3 minutes the Transformer's and the GDN
+  models', 4.2 to 5.3 a HAM run's (the seconds are in the results file). Timing probes beforehand,
+  under load (load average 4.5 to 5.6), had estimated about 3 hours. The run may span sessions:
+  Ctrl-C (or the end of a session) stops it after a checkpoint, and the same command resumes from
+  its run folders under runs/lm_sweep_long; the runs go seed by seed, so a stopped run already has
+  whole comparisons at its first seeds.
 
 A run folder that already holds a finished run is not retrained: `train` resumes it at its last
 step and evaluates it again (its seconds are then only the evaluation's). A run folder holding
