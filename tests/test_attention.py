@@ -16,7 +16,7 @@ from hamjax import ops
 from hamjax.ops import blockwise_attention
 from hamjax.ops import kv_cache as kv
 from hamjax.ops.segments import segment_index
-from oracles import assert_close, masked_attention_reference, rel_rms, rope_reference, unit
+from oracles import assert_close, masked_attention_reference, rope_reference, unit
 
 TOL = 1e-5  # relative RMS error allowed for float32 against the float64 oracle
 B, T, H, K, V = 2, 23, 3, 6, 5

@@ -16,7 +16,7 @@ from hamjax import ops
 from hamjax.bench.common import count_every_buffer, loglog_slope
 from hamjax.ops import blockwise_attention as bw
 from hamjax.ops import kv_cache as kv
-from oracles import assert_close, masked_attention_reference, masked_attention_reference_jax, rel_rms, unit
+from oracles import assert_close, masked_attention_reference, masked_attention_reference_jax, unit
 
 TOL = 1e-5  # relative RMS error allowed for float32 against the float64 oracle
 B, T, H, K, V, S = 2, 37, 3, 6, 5, 29
