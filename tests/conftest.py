@@ -2,13 +2,21 @@
 (HAMJAX_CACHE) and the Arrow files `datasets` writes for the files it loads (HF_DATASETS_CACHE) go
 to one temporary folder for the session. It is set before the test modules are collected, since
 `datasets` reads its cache location when imported; pytest-xdist's workers and every subprocess
-inherit it, and the process that made it removes it at the end."""
+inherit it, and the process that made it removes it at the end.
+
+The same folder holds JAX's persistent compilation cache for the session (unless
+JAX_COMPILATION_CACHE_DIR is set already): the suite compiles the same programs in many places (the
+tiny preset's training step in the CLI, README, notebook and experiment tests, each in its own process
+or worker), and on this project's CPUs compiling is most of the suite's time. A hit returns the
+executable XLA built for the same program earlier in the session, with its memory and cost
+analyses; the cache starts empty in every session, so no result depends on an earlier run."""
 
 import os
 import shutil
 import tempfile
 
 _made_here = []
+MIN_CACHED_COMPILE_SECONDS = 0.25  # quicker compiles are not worth a file (JAX's default is 1 s)
 
 
 def pytest_configure(config):
@@ -18,6 +26,9 @@ def pytest_configure(config):
     root = os.environ["HAMJAX_TEST_CACHE"]
     os.environ["HAMJAX_CACHE"] = os.path.join(root, "hamjax")
     os.environ["HF_DATASETS_CACHE"] = os.path.join(root, "datasets")
+    if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(root, "jax-compilation-cache")
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(MIN_CACHED_COMPILE_SECONDS)
 
 
 def pytest_unconfigure(config):
