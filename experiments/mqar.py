@@ -109,7 +109,7 @@ class Setting:
     eval_batches: int
     eval_batch_size: int
     ham_targets: tuple[float, ...] = HAM_TARGETS
-    baselines: tuple[str, ...] = ("Transformer", "GDN", "GDN + SWA", "GDN + attention")
+    baselines: tuple[str, ...] = ("Transformer", "Transformer + conv", "GDN", "GDN + SWA", "GDN + attention")
 
 
 FULL = Setting(
@@ -124,25 +124,29 @@ QUICK = Setting(
     batch_size=4, steps=4, warmup_steps=1, learning_rates=(1e-2,), seeds=(0, 1), eval_every=2, eval_batches=1,
     eval_batch_size=4, ham_targets=(0.25,), baselines=("Transformer",),
 )
-BASELINES = {"Transformer": "attention,attention", "GDN": "gdn,gdn", "GDN + SWA": "gdn,swa",
-             "GDN + attention": "gdn,attention"}
+BASELINES = {"Transformer": "attention,attention", "Transformer + conv": "attention,attention", "GDN": "gdn,gdn",
+             "GDN + SWA": "gdn,swa", "GDN + attention": "gdn,attention"}
+CONV_BASELINES = ("Transformer + conv",)  # their attention layers have ModelConfig(attention_conv=True)
 
 
 def models(setting: Setting) -> list[dict]:
-    """The contenders: name, mixer pattern, HAM kv_target (None: not a HAM model)."""
-    return [dict(name=name, pattern=BASELINES[name], kv_target=None) for name in setting.baselines] + [
-        dict(name=f"HAM {f:g}", pattern="ham,ham", kv_target=f) for f in setting.ham_targets
+    """The contenders: name, mixer pattern, HAM kv_target (None: not a HAM model), attention_conv."""
+    return [dict(name=name, pattern=BASELINES[name], kv_target=None, attention_conv=name in CONV_BASELINES)
+            for name in setting.baselines] + [
+        dict(name=f"HAM {f:g}", pattern="ham,ham", kv_target=f, attention_conv=False) for f in setting.ham_targets
     ]
 
 
-def model_config(setting: Setting, pattern: str, kv_target: float | None, seq_len: int) -> ModelConfig:
+def model_config(setting: Setting, pattern: str, kv_target: float | None, seq_len: int,
+                 attention_conv: bool = False) -> ModelConfig:
     """The `tiny` preset's model resized: the setting's width and vocabulary, HAM capacity T (room
-    for every token, so the controller alone sets the fraction)."""
+    for every token, so the controller alone sets the fraction), attention_conv as given."""
     s = setting
     return dataclasses.replace(
         preset("tiny").model, vocab_size=s.vocab_size, d_model=s.d_model, n_layers=2, pattern=pattern,
         heads=s.heads, key_dim=s.head_dim, value_dim=s.head_dim, window=s.window, capacity=seq_len,
         kv_target=kv_target if kv_target is not None else 0.25, chunk_size=s.chunk_size,
+        attention_conv=attention_conv,
     )
 
 
@@ -166,7 +170,7 @@ def train_sweep(spec: dict, task: MQARConfig, setting: Setting, bar) -> list[dic
     batches mqar_batch(task, batch_size, seed=step), evaluated every eval_every steps and at the
     end; the sweep stops early once every run has reached STOP_ACCURACY. One record per run."""
     grid = [(lr, seed) for lr in setting.learning_rates for seed in setting.seeds]
-    config = model_config(setting, spec["pattern"], spec["kv_target"], task.seq_len)
+    config = model_config(setting, spec["pattern"], spec["kv_target"], task.seq_len, spec["attention_conv"])
     sweep = Sweep(config, [train_config(setting, lr, seed) for lr, seed in grid])
     histories = [[] for _ in grid]
     start, step = time.perf_counter(), 0
@@ -195,7 +199,7 @@ def record(spec, task, config, learning_rate, seed, history, tau, sweep_seconds)
     layers = config.kv_fractions(task.seq_len, last["ham_kv_fraction"])
     solved_at = next((h["step"] for h in history if h["accuracy"] >= STOP_ACCURACY), None)
     return dict(
-        model=spec["name"], pattern=spec["pattern"], kv_target=spec["kv_target"],
+        model=spec["name"], pattern=spec["pattern"], kv_target=spec["kv_target"], attention_conv=spec["attention_conv"],
         task=dict(seq_len=task.seq_len, num_pairs=task.num_pairs, vocab_size=task.vocab_size),
         learning_rate=learning_rate, seed=seed, steps=last["step"], solved_at=solved_at,
         accuracy=last["accuracy"], eval_loss=last["loss"], kv_fraction=float(np.mean(layers)),

@@ -7,6 +7,7 @@ trains them as sweeps, so the one-run steps compile here again)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import jax
@@ -104,6 +105,13 @@ def test_a_results_file_of_another_setting_is_refused(quick):
     path, _ = quick
     with pytest.raises(SystemExit, match=r"another setting \(steps: 4 -> 3\)"):
         mqar.main(["--quick", "--steps", "3", "--output", str(path)])
+
+
+def test_only_the_conv_baselines_put_a_convolution_before_attention():
+    configs = {m["name"]: mqar.model_config(mqar.FULL, m["pattern"], m["kv_target"], 64, m["attention_conv"])
+               for m in mqar.models(mqar.FULL)}
+    assert [name for name, config in configs.items() if config.attention_conv] == ["Transformer + conv"]
+    assert configs["Transformer + conv"] == dataclasses.replace(configs["Transformer"], attention_conv=True)
 
 
 def test_a_task_is_given_as_length_and_pairs():

@@ -39,7 +39,8 @@ def plot_run(run_dir: str | pathlib.Path, kv_target: float | None = None) -> pat
     return path
 
 
-BASELINE_STYLES = {"Transformer": ("s", "C0"), "GDN": ("o", "C1"), "GDN + SWA": ("^", "C2"), "GDN + attention": ("D", "C4")}
+BASELINE_STYLES = {"Transformer": ("s", "C0"), "Transformer + conv": ("P", "C9"), "GDN": ("o", "C1"),
+                   "GDN + SWA": ("^", "C2"), "GDN + attention": ("D", "C4")}
 
 
 def plot_against_kv_fraction(ax, ham: list[tuple[float, float, float]], baselines: list[tuple[str, float, float]]) -> None:
