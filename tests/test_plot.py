@@ -32,6 +32,16 @@ def test_labels_of_neighbouring_points_are_offset_apart():
     assert offsets["GDN + attention"] != offsets["GDN + SWA"]
 
 
+def test_a_baseline_that_covers_a_ham_point_labels_itself_on_the_left():
+    ax = Figure().subplots()
+    plot_against_kv_fraction(ax, [(0.25, 0.85, 0.25), (0.501, 0.991, 0.5)],
+                             [("GDN + attention", 0.5, 0.996), ("GDN + SWA", 0.25, 0.7), ("GDN", 0.0, 0.5)])
+    texts = {text.get_text(): text for text in ax.texts}
+    assert texts["GDN + attention"].xyann[0] < 0 and texts["GDN + attention"].get_ha() == "right"
+    # at a HAM point's KV fraction but far from its value, or far from every HAM point: on the right
+    assert all(texts[name].xyann[0] > 0 for name in ("target 0.5", "GDN + SWA", "GDN"))
+
+
 def test_importing_hamjax_leaves_the_matplotlib_backend_alone():
     code = ("import matplotlib; matplotlib.use('svg'); import hamjax.train, hamjax.train.plot, hamjax.bench; "
             "print(matplotlib.get_backend())")

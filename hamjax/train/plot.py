@@ -41,23 +41,30 @@ def plot_run(run_dir: str | pathlib.Path, kv_target: float | None = None) -> pat
 
 BASELINE_STYLES = {"Transformer": ("s", "C0"), "Transformer + conv": ("P", "C9"), "GDN": ("o", "C1"),
                    "GDN + SWA": ("^", "C2"), "GDN + attention": ("D", "C4")}
+NEAR = 0.03  # a baseline this close to a HAM point (KV fraction; share of the values' span) labels on the left
 
 
 def plot_against_kv_fraction(ax, ham: list[tuple[float, float, float]], baselines: list[tuple[str, float, float]]) -> None:
     """Draw a quality metric against KV fraction on a matplotlib Axes: ham holds (kv_fraction, value,
     kv_target) per HAM model, joined into one line with each point labelled by its target; baselines
     (name, kv_fraction, value) are labelled markers (styles for the names in BASELINE_STYLES). So that
-    labels of nearby points stay apart, HAM's alternate above and below the line, and baselines at
-    the same KV fraction stack theirs downwards in the order given."""
+    labels of nearby points stay apart, HAM's alternate above and below the line, baselines at the
+    same KV fraction stack theirs downwards in the order given, and a baseline whose point nearly
+    covers a HAM point's (within NEAR of the KV fraction and of the values' span) has its label on
+    the left of its marker, away from HAM's."""
     ham = sorted(ham)
     if ham:
         ax.plot([f for f, _, _ in ham], [v for _, v, _ in ham], "-o", color="C3", label="HAM")
         for i, (f, v, target) in enumerate(ham):
             ax.annotate(f"target {target:g}", (f, v), fontsize=7, textcoords="offset points",
                         xytext=(4, 5 if i % 2 == 0 else -10))
+    values = [v for _, v, _ in ham] + [v for _, _, v in baselines]
+    span = max(values) - min(values) if values else 0.0
     for i, (name, f, v) in enumerate(baselines):
         marker, color = BASELINE_STYLES.get(name, ("x", "k"))
         ax.plot(f, v, marker, color=color, label=name)
         stacked = sum(other_f == f for _, other_f, _ in baselines[:i])
-        ax.annotate(name, (f, v), fontsize=7, textcoords="offset points", xytext=(4, 4 - 9 * stacked))
+        left = any(abs(f - ham_f) <= NEAR and abs(v - ham_v) <= NEAR * span for ham_f, ham_v, _ in ham)
+        ax.annotate(name, (f, v), fontsize=7, textcoords="offset points", xytext=(-4 if left else 4, 4 - 9 * stacked),
+                    ha="right" if left else "left")
     ax.set_xlabel("KV fraction (mean over layers of tokens held in a KV cache)")
