@@ -9,7 +9,15 @@ JAX_COMPILATION_CACHE_DIR is set already): the suite compiles the same programs 
 tiny preset's training step in the CLI, README, notebook and experiment tests, each in its own process
 or worker), and on this project's CPUs compiling is most of the suite's time. A hit returns the
 executable XLA built for the same program earlier in the session, with its memory and cost
-analyses; the cache starts empty in every session, so no result depends on an earlier run."""
+analyses; the cache starts empty in every session, so no result depends on an earlier run.
+
+The suite also compiles with LLVM's optimisation level 0 (XLA_FLAGS
+--xla_backend_optimization_level=0, unless XLA_FLAGS sets a level already): the tests run tiny
+shapes, where LLVM's passes over the generated code cost more than the code saves (test_model's
+remat and prefill tests took 41 s instead of 74 s here). The level changes how XLA's kernels are
+compiled to machine code, not what XLA computes: the HLO passes, the fusions and the buffer
+assignment (so every compiled memory analysis) are the same at every level. Outside the tests
+XLA's default stands: the quick start's training and the benchmarks run at it."""
 
 import os
 import shutil
@@ -17,6 +25,7 @@ import tempfile
 
 _made_here = []
 MIN_CACHED_COMPILE_SECONDS = 0.25  # quicker compiles are not worth a file (JAX's default is 1 s)
+LLVM_LEVEL_FLAG = "--xla_backend_optimization_level"
 
 
 def pytest_configure(config):
@@ -29,6 +38,9 @@ def pytest_configure(config):
     if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
         os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(root, "jax-compilation-cache")
         os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = str(MIN_CACHED_COMPILE_SECONDS)
+    flags = os.environ.get("XLA_FLAGS", "")
+    if LLVM_LEVEL_FLAG not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {LLVM_LEVEL_FLAG}=0".strip()
 
 
 def pytest_unconfigure(config):

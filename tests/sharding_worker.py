@@ -16,7 +16,7 @@ import os
 import sys
 
 spec = json.loads(sys.argv[1])
-os.environ["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={spec['devices']}"
+os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={spec['devices']}"
 
 from hamjax.train import distributed  # noqa: E402  (after XLA_FLAGS)
 

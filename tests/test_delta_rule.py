@@ -154,8 +154,8 @@ class FormsMatchOracleTest(chex.TestCase):
 def test_every_chunk_size_matches_oracle(chunk_size):
     """T = 70 with chunk sizes 1..64 (most do not divide T; 64 leaves a 6-token last chunk).
 
-    64 programs: compiled with XLA's backend optimisations off, which halves the compile time that
-    dominates here. The other tests cover the default compiler settings.
+    64 programs, whose compile time dominates: besides the suite's LLVM level 0 (tests/conftest.py),
+    LLVM's expensive passes are off too.
     """
     inputs, expected = case(seed=70, batch=1, steps=70, heads=2, dk=5, dv=7)
     lowered = jax.jit(sequence_fn("chunk", chunk_size)).lower(*positional(inputs))
